@@ -1,0 +1,139 @@
+"""Atomic outputs, Parquet with key-value metadata, and PNG bytes.
+
+Every output is written to a temporary name beside its final path and renamed into place only when
+complete, so a crashed or killed job never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from pipeline import PipelineError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` if the block succeeds.
+
+    Works for files and for folders (the block creates whichever it wants at the yielded path).
+    On failure the temporary is removed and `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"nothing was written to the temporary output for {path}")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_json(path: str | Path, value) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def read_json(path: str | Path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path} is not valid JSON: {exc}") from None
+
+
+def write_parquet(path: str | Path, table: pa.Table, metadata: dict | None = None) -> None:
+    """Write `table` atomically; `metadata` values are stored as JSON under their keys."""
+    if metadata:
+        existing = dict(table.schema.metadata or {})
+        existing.update({k.encode(): json.dumps(v, default=_json_default).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(existing)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} does not exist")
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise PipelineError(f"{path} is not a readable Parquet file: {exc}") from None
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The key-value metadata written by `write_parquet`, decoded from JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} does not exist")
+    raw = pq.read_schema(path).metadata or {}
+    out = {}
+    for key, value in raw.items():
+        key = key.decode()
+        if key == "ARROW:schema":
+            continue
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value.decode(errors="replace")
+    return out
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """Decode encoded image bytes to RGB; `what` names the source in the error message."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise PipelineError(f"{what}: cannot decode image bytes ({exc})") from None
+    return image.convert("RGB")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB with an error that names the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise PipelineError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise PipelineError(f"image {path} is truncated or not an image ({exc})") from None
