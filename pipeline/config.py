@@ -38,7 +38,7 @@ def _extend_with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
-_Validator = _extend_with_defaults(jsonschema.Draft7Validator)
+_Validator = _extend_with_defaults(jsonschema.Draft202012Validator)
 
 
 def _describe(error: jsonschema.ValidationError) -> str:

@@ -1,0 +1,168 @@
+"""Command line: each workflow stage as a subcommand, taking the same config file as the workflow.
+
+    python -m pipeline <stage> --config config.yaml ...   (see `python -m pipeline <stage> --help`)
+
+The Snakemake rules call exactly these subcommands, so a stage run by hand behaves as in the workflow.
+Bad input ends with one line `error: ...` and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import PipelineError, __version__
+from pipeline.config import load_config
+from pipeline.progress import setup_logging
+
+log = logging.getLogger("pipeline")
+
+
+def cmd_build_model(args, config):
+    from pipeline.tiny_sd import build_tiny_sd
+
+    build_tiny_sd(args.out, resolution=config["model"]["resolution"], seed=config["seed"])
+
+
+def cmd_build_demo(args, config):
+    from pipeline.demo import build_demo_coco
+
+    build_demo_coco(args.out, config["dataset"]["demo"], config["seed"])
+
+
+def cmd_prepare(args, config):
+    from pipeline.prepare import prepare_dataset
+
+    prepare_dataset(config, args.out, threads=args.threads)
+
+
+def cmd_fewshot(args, config):
+    from pipeline.fewshot import draw_subset
+
+    draw_subset(
+        args.manifest,
+        args.examples_per_class,
+        args.trial_seed,
+        config["seed"],
+        config["dataset"]["allow_fewer"],
+        args.out,
+    )
+
+
+def cmd_invert(args, config):
+    from pipeline.invert import invert_tokens
+
+    invert_tokens(config, args.subset, args.out, class_names=args.class_names)
+
+
+def cmd_generate(args, config):
+    from pipeline.generate import generate_shard
+
+    generate_shard(config, args.subset, args.tokens, args.method, args.shard, args.num_shards, args.out)
+
+
+def cmd_fid_features(args, config):
+    from pipeline.fid import real_features
+
+    real_features(config, args.manifest, args.out, split=args.split)
+
+
+def cmd_fid(args, config):
+    from pipeline.fid import compute_fid
+
+    compute_fid(config, args.real, args.synthetic, args.out, real_reference_path=args.reference)
+
+
+def cmd_train(args, config):
+    from pipeline.train import train_classifier
+
+    train_classifier(config, args.subset, args.manifest, args.synthetic, args.method, args.seed, args.out)
+
+
+def cmd_report(args, config):
+    from pipeline.report import build_report
+
+    build_report(config, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    def stage(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, required=True, help="YAML config (validated; defaults filled in)")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.set_defaults(func=func)
+        return p
+
+    p = stage("build-model", cmd_build_model, "Build the tiny random Stable Diffusion checkpoint (offline demo and tests).")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the diffusers-format checkpoint to")
+
+    p = stage("build-demo", cmd_build_demo, "Write the embedded demo dataset (MNIST scenes) in COCO format.")
+    p.add_argument("--out", type=Path, required=True, help="dataset root to create")
+
+    p = stage("prepare", cmd_prepare, "Turn the configured dataset into manifest.parquet, classes.json, stats.json and masks/.")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--threads", type=int, default=1, help="worker processes for mask decoding")
+
+    p = stage("fewshot", cmd_fewshot, "Draw a nested few-shot training subset (k images per class) from a manifest.")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--examples-per-class", type=int, required=True)
+    p.add_argument("--trial-seed", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True, help="subset .parquet to write")
+
+    p = stage("invert", cmd_invert, "Textual inversion: learn one token per class on a few-shot subset.")
+    p.add_argument("--subset", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="tokens folder (learned_embeds.safetensors, tokens.json)")
+    p.add_argument("--class", dest="class_names", action="append", help="only this class (repeatable)")
+
+    p = stage("generate", cmd_generate, "SDEdit synthetic images for one shard of a subset into a Parquet shard.")
+    p.add_argument("--subset", type=Path, required=True)
+    p.add_argument("--tokens", type=Path, default=None, help="tokens folder (methods that use learned tokens)")
+    p.add_argument("--method", required=True, help="dafusion, real-guidance, class-agnostic")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="shard .parquet to write")
+
+    p = stage("fid-features", cmd_fid_features, "Inception features of a manifest's real images (computed once, reused).")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--out", type=Path, required=True, help=".npz to write")
+
+    p = stage("fid", cmd_fid, "FID and KID of synthetic shards against real features, overall and per class.")
+    p.add_argument("--real", type=Path, required=True, help="real features .npz (fid-features)")
+    p.add_argument("--reference", type=Path, default=None, help="second real features .npz: real-vs-real floor")
+    p.add_argument("--synthetic", type=Path, nargs="+", required=True, help="synthetic shard .parquet files")
+    p.add_argument("--out", type=Path, required=True, help="JSON to write")
+
+    p = stage("train", cmd_train, "Train and evaluate a classifier for one method on one few-shot subset.")
+    p.add_argument("--subset", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, required=True, help="full manifest (val for selection, test for the score)")
+    p.add_argument("--synthetic", type=Path, nargs="*", default=[], help="synthetic shards of the method's synthetic part")
+    p.add_argument("--method", required=True, help="e.g. baseline, dafusion, randaugment, dafusion+mixup")
+    p.add_argument("--seed", type=int, required=True, help="trial seed")
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+
+    p = stage("report", cmd_report, "Gather the results the config asks for (under its `results` folder) into summary.csv and an HTML page.")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        config = load_config(args.config)
+        args.func(args, config)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

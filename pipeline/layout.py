@@ -1,0 +1,68 @@
+"""Where every artifact lives under the results folder.
+
+One place for the path conventions, used by the workflow (called with "{k}"-style placeholders it
+returns Snakemake patterns) and by the report (called with values it returns the files to read).
+"""
+
+from __future__ import annotations
+
+from itertools import product
+
+
+def subset_name(k, trial_seed) -> str:
+    return f"k{k}_seed{trial_seed}"
+
+
+def manifest(results: str) -> str:
+    return f"{results}/prepare/manifest.parquet"
+
+
+def subset(results: str, k, trial_seed) -> str:
+    return f"{results}/subsets/{subset_name(k, trial_seed)}.parquet"
+
+
+def tokens(results: str, k, trial_seed) -> str:
+    return f"{results}/invert/{subset_name(k, trial_seed)}"
+
+
+def shard(results: str, method, k, trial_seed, index, count) -> str:
+    return f"{results}/synthetic/{method}/{subset_name(k, trial_seed)}/shard-{index}-of-{count}.parquet"
+
+
+def shards(results: str, method, k, trial_seed, count: int) -> list[str]:
+    return [shard(results, method, k, trial_seed, i, count) for i in range(count)]
+
+
+def real_features(results: str, split) -> str:
+    return f"{results}/fid/real-{split}.npz"
+
+
+def fid(results: str, method, k, trial_seed) -> str:
+    return f"{results}/fid/{method}/{subset_name(k, trial_seed)}.json"
+
+
+def metrics(results: str, method, k, trial_seed) -> str:
+    return f"{results}/train/{method}/{subset_name(k, trial_seed)}.json"
+
+
+def report_dir(results: str) -> str:
+    return f"{results}/report"
+
+
+def subsets_in(config: dict) -> list[tuple[int, int]]:
+    """Every (examples_per_class, trial_seed) pair the config asks for, in a stable order."""
+    dataset = config["dataset"]
+    return list(product(dataset["examples_per_class"], dataset["trial_seeds"]))
+
+
+def expected_outputs(config: dict) -> dict[str, list[str]]:
+    """The files a complete run of `config` produces, by kind (what the report reads)."""
+    results = config["results"]
+    pairs = subsets_in(config)
+    num_shards = config["generate"]["num_shards"]
+    methods = config["generate"]["methods"]
+    return {
+        "metrics": [metrics(results, m, k, s) for m in config["train"]["methods"] for k, s in pairs],
+        "fid": [fid(results, m, k, s) for m in methods for k, s in pairs],
+        "shards": [p for m in methods for k, s in pairs for p in shards(results, m, k, s, num_shards)],
+    }

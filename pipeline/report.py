@@ -1,0 +1,299 @@
+"""Gather a run's results into summary.csv and a self-contained HTML page a person reads at a glance.
+
+The page holds: accuracy by method and examples per class (mean, 68% confidence interval, trials),
+the few-shot curves with CI bands, per-class accuracy, FID/KID beside accuracy (with sample sizes and
+a warning when they are small), and grids of real images next to their synthetic versions.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import PipelineError, layout
+from pipeline.io import atomic_path, decode_image, read_json
+from pipeline.manifest import read_manifest, read_shards
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = [
+    "dataset",
+    "method",
+    "examples_per_class",
+    "trial_seed",
+    "split",
+    "accuracy",
+    "mean_class_accuracy",
+    "val_accuracy",
+    "best_step",
+    "n_train_real",
+    "n_synthetic",
+    "backbone",
+]
+# FID's covariance is rank-deficient below the feature dimension: values are biased upwards.
+FID_RELIABLE_N = 2048
+
+
+def confidence_interval_68(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 68% Student-t interval of the mean (half-width NaN for one value)."""
+    from scipy import stats
+
+    arr = np.asarray(values, dtype=np.float64)
+    mean = float(arr.mean())
+    if arr.size < 2:
+        return mean, math.nan
+    sem = arr.std(ddof=1) / math.sqrt(arr.size)
+    return mean, float(stats.t.ppf(0.84, arr.size - 1) * sem)
+
+
+def summary_rows(metrics: list[dict]) -> list[dict]:
+    rows = [{column: m.get(column) for column in SUMMARY_COLUMNS} for m in metrics]
+    return sorted(rows, key=lambda r: (str(r["method"]), r["examples_per_class"], r["trial_seed"]))
+
+
+def aggregate(rows: list[dict], value: str = "accuracy") -> dict[tuple[str, int], dict]:
+    """(method, k) -> {mean, ci68, n} of `value` over trial seeds."""
+    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get(value) is not None:
+            groups[(row["method"], int(row["examples_per_class"]))].append(float(row[value]))
+    out = {}
+    for key, values in groups.items():
+        mean, half = confidence_interval_68(values)
+        out[key] = {"mean": mean, "ci68": half, "n": len(values)}
+    return out
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _png_data_uri(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def accuracy_plot(agg: dict, methods: list[str], ks: list[int], title: str) -> str:
+    """Few-shot curves: mean accuracy vs examples per class, one line per method, 68% CI bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for method in methods:
+        points = [(k, agg[(method, k)]) for k in ks if (method, k) in agg]
+        if not points:
+            continue
+        x = np.array([k for k, _ in points], dtype=float)
+        mean = np.array([p["mean"] for _, p in points])
+        half = np.nan_to_num(np.array([p["ci68"] for _, p in points]))
+        ax.plot(x, mean, marker="o", label=method)
+        ax.fill_between(x, mean - half, mean + half, alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("examples per class")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    uri = _png_data_uri(fig)
+    plt.close(fig)
+    return uri
+
+
+def image_grid(manifest_rows: dict[str, dict], shard_rows: list[dict], max_sources: int, thumb: int = 96) -> str:
+    """One row per source image: the real image, then its synthetic versions by increasing strength,
+    as a PNG data URI ("" when there is nothing to show)."""
+    from PIL import Image, ImageDraw
+
+    from pipeline.io import open_image
+
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for row in shard_rows:
+        by_source[row["image_id"]].append(row)
+    sources = sorted(by_source)[:max_sources]
+    if not sources:
+        return ""
+    columns = max(len(by_source[s]) for s in sources) + 1
+    label_h = 14
+    canvas = Image.new("RGB", (columns * thumb, len(sources) * (thumb + label_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, source in enumerate(sources):
+        y = r * (thumb + label_h)
+        real = manifest_rows.get(source)
+        if real is None:
+            raise PipelineError(f"synthetic image source {source!r} is not in the manifest")
+        canvas.paste(open_image(real["path"]).resize((thumb, thumb)), (0, y))
+        draw.text((2, y + thumb), f"real: {real['class_name']}"[:16], fill="black")
+        versions = sorted(by_source[source], key=lambda v: (v["strength"] if v["strength"] is not None else 2.0, v["synthetic_id"]))
+        for c, version in enumerate(versions, 1):
+            image = decode_image(version["image"], what=version["synthetic_id"]).resize((thumb, thumb))
+            canvas.paste(image, (c * thumb, y))
+            strength = "txt2img" if version["strength"] is None else f"t0={version['strength']:.2f}"
+            draw.text((c * thumb + 2, y + thumb), strength, fill="black")
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def accuracy_table(agg: dict, methods: list[str], ks: list[int], baseline: str | None) -> str:
+    header = ["method"] + [f"k={k}" for k in ks]
+    rows = []
+    for method in methods:
+        cells = [f"<b>{html.escape(method)}</b>"]
+        for k in ks:
+            entry = agg.get((method, k))
+            if entry is None:
+                cells.append("–")
+                continue
+            text = f"{100 * entry['mean']:.1f}"
+            if not math.isnan(entry["ci68"]):
+                text += f" ± {100 * entry['ci68']:.1f}"
+            base = agg.get((baseline, k)) if baseline and method != baseline else None
+            if base is not None:
+                delta = 100 * (entry["mean"] - base["mean"])
+                css = "up" if delta > 0 else "down" if delta < 0 else ""
+                text += f' <span class="{css}">({delta:+.1f})</span>'
+            text += f' <span class="n">n={entry["n"]}</span>'
+            cells.append(text)
+        rows.append(cells)
+    return _table(header, rows)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.up{color:#080}.down{color:#b00}.n{color:#888;font-size:.8em}.note{background:#fff8e1;border-left:4px solid #f5b800;padding:.5em 1em}
+.muted{color:#666;font-size:.9em}img{max-width:100%}
+"""
+
+
+def build_report(config: dict, out_dir: str | Path) -> dict:
+    """Read every result the config asks for and write summary.csv, summary_by_method.csv, index.html."""
+    out_dir = Path(out_dir)
+    results = config["results"]
+    expected = layout.expected_outputs(config)
+    metrics = [read_json(p) for p in expected["metrics"]]
+    fids = {p: read_json(p) for p in expected["fid"]}
+    rows = summary_rows(metrics)
+    agg = aggregate(rows, "accuracy")
+    agg_mca = aggregate(rows, "mean_class_accuracy")
+    methods = list(config["train"]["methods"])
+    ks = sorted(set(config["dataset"]["examples_per_class"]))
+    baseline = "baseline" if "baseline" in methods else None
+    dataset = config["dataset"]["name"]
+    manifest_rows, manifest_meta = read_manifest(layout.manifest(results))
+    classes = manifest_meta["classes"]
+
+    write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS)
+    by_method = [
+        {"method": m, "examples_per_class": k, "n_trials": a["n"], "accuracy_mean": a["mean"], "accuracy_ci68": a["ci68"],
+         "mean_class_accuracy_mean": agg_mca.get((m, k), {}).get("mean")}
+        for (m, k), a in sorted(agg.items())
+    ]
+    write_csv(out_dir / "summary_by_method.csv", by_method, list(by_method[0]) if by_method else ["method"])
+
+    sections = [f"<h1>DA-Fusion results: {html.escape(dataset)}</h1>"]
+    sections.append(
+        f'<p class="muted">{len(metrics)} training runs · methods: {html.escape(", ".join(methods))} · '
+        f"examples per class: {', '.join(map(str, ks))} · trial seeds: {', '.join(map(str, config['dataset']['trial_seeds']))} · "
+        f"model: {html.escape(config['model']['id'])} · backbone: {html.escape(config['train']['backbone'])}</p>"
+    )
+    if config["model"]["build_tiny"]:
+        sections.append(
+            '<p class="note">This run uses a tiny, <b>randomly initialised</b> Stable Diffusion built offline: its synthetic '
+            "images are noise, so accuracy differences here test the machinery, not DA-Fusion. Use a real checkpoint "
+            "(config/coco.yaml, config/pascal.yaml) for meaningful numbers.</p>"
+        )
+    sections.append("<h2>Test accuracy (%)</h2>")
+    sections.append(
+        '<p class="muted">Mean over trial seeds ± half-width of the 68% confidence interval (Student t); '
+        "in brackets, the difference to <i>baseline</i>. The model of each run was selected on the validation split; "
+        "the number is on the held-out test split.</p>"
+    )
+    sections.append(accuracy_table(agg, methods, ks, baseline))
+    sections.append("<h2>Mean per-class accuracy (%)</h2>")
+    sections.append(accuracy_table(agg_mca, methods, ks, baseline))
+    sections.append(f'<img alt="accuracy vs examples per class" src="{accuracy_plot(agg, methods, ks, dataset)}">')
+
+    sections.append("<h2>Per-class test accuracy (%) at the largest k</h2>")
+    per_class: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for m in metrics:
+        if int(m["examples_per_class"]) == ks[-1]:
+            for name, acc in (m.get("per_class_accuracy") or {}).items():
+                per_class[m["method"]][name].append(acc)
+    if per_class:
+        sections.append(
+            _table(
+                ["method"] + classes,
+                [[html.escape(m)] + [_fmt(100 * float(np.mean(per_class[m][c])), 1) if per_class[m][c] else "–" for c in classes] for m in methods if m in per_class],
+            )
+        )
+
+    sections.append("<h2>Synthetic image quality: FID and KID against real training images</h2>")
+    fid_rows, small = [], False
+    for path, value in fids.items():
+        method = Path(path).parent.name
+        subset = Path(path).stem
+        small |= min(value.get("n_real", 0), value.get("n_synthetic", 0)) < FID_RELIABLE_N
+        floor = value.get("floor") or {}
+        fid_rows.append([
+            html.escape(method), html.escape(subset), _fmt(value.get("fid"), 2),
+            _fmt(value.get("kid"), 4) + (f" ± {_fmt(value.get('kid_std'), 4)}" if value.get("kid_std") is not None else ""),
+            _fmt(value.get("n_real")), _fmt(value.get("n_synthetic")),
+            _fmt(floor.get("fid") if isinstance(floor, dict) else floor, 2),
+        ])
+    if fid_rows:
+        sections.append(_table(["method", "subset", "FID", "KID", "n real", "n synthetic", "real-vs-real floor"], fid_rows))
+        extractor = next(iter(fids.values())).get("feature_extractor", "")
+        sections.append(f'<p class="muted">Features: {html.escape(str(extractor))}; resize {html.escape(str(next(iter(fids.values())).get("resize", "")))}.</p>')
+    if small:
+        sections.append(
+            f'<p class="note">Fewer than {FID_RELIABLE_N} images on at least one side: the feature covariance is rank-deficient and '
+            "FID is biased upwards; compare KID (unbiased for small sets) and the real-vs-real floor instead.</p>"
+        )
+
+    by_id = {row["image_id"]: row for row in manifest_rows}
+    k0, s0 = layout.subsets_in(config)[0]
+    for method in config["generate"]["methods"]:
+        shard_rows = read_shards(layout.shards(results, method, k0, s0, config["generate"]["num_shards"]))
+        uri = image_grid(by_id, shard_rows, config["report"]["grid_images"])
+        if uri:
+            sections.append(f"<h2>Real vs synthetic: {html.escape(method)} ({layout.subset_name(k0, s0)})</h2>")
+            sections.append('<p class="muted">Each row: a real training image, then its synthetic versions by increasing SDEdit strength t0.</p>')
+            sections.append(f'<img alt="real and synthetic images, {html.escape(method)}" src="{uri}">')
+
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>DA-Fusion report: {html.escape(dataset)}</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>"
+    with atomic_path(out_dir / "index.html") as tmp:
+        tmp.write_text(page)
+    log.info("report: %d runs, %d methods, %d FID values -> %s", len(metrics), len(methods), len(fids), out_dir / "index.html")
+    return {"runs": len(metrics), "methods": methods, "fid_values": len(fids)}

@@ -1,0 +1,47 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.hashing import code_hash, module_closure, value_hash
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def names(module):
+    return {p.name for p in module_closure(module)}
+
+
+def test_closure_follows_imports_transitively():
+    closure = names("pipeline.report")
+    # report imports layout, io and manifest; manifest imports io; the package __init__ always counts.
+    assert {"report.py", "layout.py", "io.py", "manifest.py", "__init__.py"} <= closure
+    assert "generate.py" not in closure and "tiny_sd.py" not in closure
+
+
+def test_schema_counts_as_code():
+    assert "config.schema.yaml" in names("pipeline.layout")
+
+
+def test_value_hash_ignores_key_order():
+    assert value_hash({"a": 1, "b": [1, 2]}) == value_hash({"b": [1, 2], "a": 1})
+    assert value_hash({"a": 1}) != value_hash({"a": 2})
+
+
+def test_editing_an_imported_module_changes_the_hash(tmp_path):
+    """In a copy of the package: editing io.py changes the hash of report (report -> manifest -> io)
+    but not of layout, which imports nothing that imports io."""
+    shutil.copytree(REPO / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    script = "from pipeline.hashing import code_hash; print(code_hash('pipeline.report'), code_hash('pipeline.layout'))"
+
+    def hashes():
+        out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    before = hashes()
+    assert before == [code_hash("pipeline.report"), code_hash("pipeline.layout")]
+    io_py = tmp_path / "pipeline" / "io.py"
+    io_py.write_text(io_py.read_text() + "\n# edited\n")
+    after = hashes()
+    assert after[0] != before[0]  # report -> manifest -> io
+    assert after[1] == before[1]  # layout imports no io

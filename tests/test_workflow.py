@@ -1,0 +1,104 @@
+"""The workflow end to end: a real run of every stage on a tiny config, and caching users can trust."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+
+
+def test_config_error_names_the_key(project):
+    config = tiny_config()
+    config["generate"]["guidance_scal"] = 3.0
+    project.write_config(config)
+    proc = project.snakemake("-n", check=False)
+    assert proc.returncode != 0
+    assert "guidance_scal" in proc.stdout + proc.stderr
+
+
+def test_wrong_type_names_the_key(project):
+    config = tiny_config()
+    config["generate"]["num_shards"] = "two"
+    project.write_config(config)
+    proc = project.snakemake("-n", check=False)
+    assert proc.returncode != 0
+    assert "num_shards" in proc.stdout + proc.stderr
+
+
+def test_missing_dataset_root_stops_before_any_job(project):
+    config = tiny_config()
+    config["dataset"].update(name="coco", root="/nonexistent/coco")
+    project.write_config(config)
+    proc = project.snakemake("-n", check=False)
+    assert proc.returncode != 0
+    assert "dataset.root" in proc.stdout + proc.stderr and "/nonexistent/coco" in proc.stdout + proc.stderr
+
+
+def test_unknown_train_method_is_a_config_error(project):
+    config = tiny_config()
+    config["train"]["methods"] = ["baseline", "dafusoin"]
+    project.write_config(config)
+    proc = project.snakemake("-n", check=False)
+    assert proc.returncode != 0
+    assert "dafusoin" in proc.stdout + proc.stderr
+
+
+def test_dry_run_plans_every_stage(project):
+    project.write_config(tiny_config())
+    jobs = project.planned_jobs()
+    assert jobs["generate"] == 2  # num_shards shard jobs for the one subset and method
+    assert jobs["train"] == 2  # baseline + dafusion
+    for rule in ("build_tiny_model", "build_demo_dataset", "prepare", "fewshot", "invert", "fid_real_features", "fid", "report"):
+        assert jobs.get(rule, 0) >= 1, rule
+
+
+@pytest.mark.slow
+def test_end_to_end_run_and_cache(project):
+    config = tiny_config()
+    project.write_config(config)
+    project.snakemake()
+    results = project.root / "results"
+
+    with open(results / "report" / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["method"] for r in rows) == ["baseline", "dafusion"]
+    for row in rows:
+        assert 0.0 <= float(row["accuracy"]) <= 1.0
+        assert row["split"] == "test"
+        assert int(row["examples_per_class"]) == 1
+    page = (results / "report" / "index.html").read_text()
+    assert "data:image/png;base64," in page and "baseline" in page and "dafusion" in page
+    fid = json.loads((results / "fid" / "dafusion" / "k1_seed0.json").read_text())
+    assert fid["n_synthetic"] == 4 * 1 * 2  # classes x k x num_per_image
+    assert fid["fid"] >= 0
+
+    # A second run has nothing to do.
+    assert project.planned_jobs() == {}
+
+    # Changing a generation parameter reruns generation and what depends on it, not prepare or invert.
+    config["generate"]["guidance_scale"] = 3.0
+    project.write_config(config)
+    jobs = project.planned_jobs()
+    assert jobs.get("generate") == 2 and jobs.get("fid") == 1 and jobs.get("report") == 1
+    assert jobs.get("train") == 1  # only the method that uses synthetic images
+    for rule in ("prepare", "fewshot", "invert", "build_tiny_model", "build_demo_dataset"):
+        assert rule not in jobs, jobs
+
+    # Changing the batch size changes no image, so it reruns nothing.
+    config["generate"]["guidance_scale"] = 7.5
+    config["generate"]["batch_size"] = 1
+    project.write_config(config)
+    assert project.planned_jobs() == {}
+
+    # Editing a pipeline module reruns the stages that import it.
+    generate_py = project.root / "pipeline" / "generate.py"
+    generate_py.write_text(generate_py.read_text() + "\n# an edit\n")
+    jobs = project.planned_jobs()
+    assert jobs.get("generate") == 2 and "invert" not in jobs and "prepare" not in jobs, jobs
+    train_py = project.root / "pipeline" / "train.py"
+    train_py.write_text(train_py.read_text() + "\n# an edit\n")
+    assert project.planned_jobs().get("train") == 2

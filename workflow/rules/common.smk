@@ -1,0 +1,139 @@
+# Helpers shared by the rules: paths, per-stage params (config sub-tree + source hash), checks.
+#
+# Caching users can trust: Snakemake reruns a job when its params change, but it cannot see edits
+# inside the imported `pipeline` package. So every rule's params carry exactly the config values that
+# can change its output (`cfg`) and a hash of the pipeline source it runs (`code`).
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+from snakemake.exceptions import WorkflowError
+
+# The source tree next to this workflow: hashed for params and put first on the jobs' PYTHONPATH,
+# so the code whose hash decides reruns is the code the jobs run.
+SOURCE_ROOT = str(Path(workflow.basedir).parent.resolve())
+sys.path.insert(0, SOURCE_ROOT)
+
+from pipeline import PipelineError, layout
+from pipeline.augment import parse_method
+from pipeline.config import stable_json
+from pipeline.hashing import code_hash, value_hash
+
+R = config["results"]
+PAIRS = layout.subsets_in(config)
+NUM_SHARDS = config["generate"]["num_shards"]
+GENERATE_METHODS = config["generate"]["methods"]
+TRAIN_METHODS = config["train"]["methods"]
+TOKEN_METHODS = {"dafusion"}  # generation methods that prompt with learned tokens
+# Interpreter of this Snakemake run: jobs import `pipeline` from the same environment.
+PYTHON = shlex.quote(sys.executable)
+
+
+wildcard_constraints:
+    k=r"\d+",
+    seed=r"\d+",
+    shard=r"\d+",
+    total=r"\d+",
+    method=r"[a-z0-9-]+(\+[a-z0-9-]+)*",
+    split=r"train|val|test",
+
+
+def fail(message):
+    raise WorkflowError(f"config error: {message}")
+
+
+def check_config():
+    """Checks the schema cannot express; all run before any job starts."""
+    dataset, model = config["dataset"], config["model"]
+    if dataset["name"] != "demo" and not Path(dataset["root"]).is_dir():
+        fail(f"dataset.root: folder {dataset['root']!r} does not exist (dataset.name is {dataset['name']!r}). Expected the dataset's root folder.")
+    if not model["build_tiny"]:
+        local = Path(model["id"])
+        looks_local = model["id"].startswith((".", "/", "~")) or local.exists()
+        if looks_local and not (local / "model_index.json").is_file():
+            fail(f"model.id: {model['id']!r} is not a diffusers checkpoint folder (no model_index.json). Expected a hub id such as CompVis/stable-diffusion-v1-4 or a folder saved with save_pretrained.")
+    for name in TRAIN_METHODS:
+        try:
+            synthetic, _ = parse_method(name, set(GENERATE_METHODS))
+        except PipelineError as exc:
+            fail(f"train.methods: {exc}")
+
+
+check_config()
+
+
+def stage_params(module, *keys, drop=()):
+    """params for a rule: the config values that can change its output, and the code it runs.
+
+    `keys` are dotted config paths ("generate", "model.resolution"); `drop` removes dotted paths
+    that do not change the output (e.g. batch sizes: generation is batch-size independent).
+    """
+    picked = {}
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        picked[key] = value
+    picked = yaml.safe_load(stable_json(picked))  # deep copy
+    for key in drop:
+        head, _, leaf = key.rpartition(".")
+        picked.get(head, {}).pop(leaf, None)
+    return {"cfg": stable_json(picked), "code": code_hash(module)}
+
+
+def resolved_config_file():
+    """The validated config with defaults, written once under a content hash.
+
+    Jobs read it with `--config`, so a stage sees exactly the configuration of this Snakemake run
+    (including --config/--configfile overrides). It is not an input: rerun decisions come from params.
+    """
+    path = Path(R) / ".config" / f"config-{value_hash(config)}.yaml"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(yaml.safe_dump(config, sort_keys=True))
+        os.replace(tmp, path)
+    return str(path)
+
+
+CONFIG_FILE = resolved_config_file()
+# Every job: same interpreter, same resolved config, as many math threads as Snakemake gave it.
+RUN = (
+    f"PYTHONPATH={shlex.quote(SOURCE_ROOT)}${{{{PYTHONPATH:+:$PYTHONPATH}}}} "
+    "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} " + PYTHON + " -m pipeline"
+)
+CONFIG_ARG = "--config " + shlex.quote(CONFIG_FILE)
+
+
+def model_input():
+    """The checkpoint folder when this workflow builds it; nothing for hub ids and existing folders."""
+    return [config["model"]["id"]] if config["model"]["build_tiny"] else []
+
+
+def tokens_input(wildcards):
+    if wildcards.method in TOKEN_METHODS:
+        return layout.tokens(R, wildcards.k, wildcards.seed)
+    return []
+
+
+def synthetic_shards_for(wildcards):
+    """Shards of the train method's synthetic part (none for augmentation-only methods)."""
+    synthetic, _ = parse_method(wildcards.method, set(GENERATE_METHODS))
+    if synthetic is None:
+        return []
+    return layout.shards(R, synthetic, wildcards.k, wildcards.seed, NUM_SHARDS)
+
+
+def report_outputs():
+    return [f"{layout.report_dir(R)}/summary.csv", f"{layout.report_dir(R)}/index.html"]
+
+
+def log_path(stage, name):
+    return f"{R}/logs/{stage}/{name}.log"
+
+
+def benchmark_path(stage, name):
+    return f"{R}/benchmarks/{stage}/{name}.tsv"

@@ -1,0 +1,40 @@
+# fid: Inception features of real images (once per split), then FID/KID of each synthetic set.
+
+
+rule fid_real_features:
+    input:
+        manifest=layout.manifest(R),
+    output:
+        layout.real_features(R, "{split}"),
+    params:
+        **stage_params("pipeline.fid", "fid"),
+    log:
+        log_path("fid", "real-{split}"),
+    benchmark:
+        benchmark_path("fid", "real-{split}")
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    shell:
+        RUN + " fid-features " + CONFIG_ARG + " --manifest {input.manifest} --split {wildcards.split} --out {output} > {log} 2>&1"
+
+
+rule fid:
+    input:
+        real=layout.real_features(R, "train"),
+        reference=layout.real_features(R, "val"),
+        shards=lambda wc: layout.shards(R, wc.method, wc.k, wc.seed, NUM_SHARDS),
+    output:
+        layout.fid(R, "{method}", "{k}", "{seed}"),
+    params:
+        **stage_params("pipeline.fid", "fid", "seed"),
+    log:
+        log_path("fid", "{method}/" + layout.subset_name("{k}", "{seed}")),
+    benchmark:
+        benchmark_path("fid", "{method}/" + layout.subset_name("{k}", "{seed}"))
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    shell:
+        RUN + " fid " + CONFIG_ARG + " --real {input.real} --reference {input.reference}"
+        " --synthetic {input.shards} --out {output} > {log} 2>&1"

@@ -1,0 +1,20 @@
+# invert: textual inversion, one learned token per class, trained on each few-shot subset.
+
+
+rule invert:
+    input:
+        model_input(),
+        subset=layout.subset(R, "{k}", "{seed}"),
+    output:
+        directory(layout.tokens(R, "{k}", "{seed}")),
+    params:
+        **stage_params("pipeline.invert", "model", "invert", "seed", drop=["model.build_tiny"]),
+    log:
+        log_path("invert", layout.subset_name("{k}", "{seed}")),
+    benchmark:
+        benchmark_path("invert", layout.subset_name("{k}", "{seed}"))
+    threads: 1
+    resources:
+        gpu=1,
+    shell:
+        RUN + " invert " + CONFIG_ARG + " --subset {input.subset} --out {output} > {log} 2>&1"

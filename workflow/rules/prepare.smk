@@ -1,0 +1,73 @@
+# prepare: dataset -> manifest.parquet (+ classes.json, stats.json, masks/) -> few-shot subsets.
+
+
+if config["model"]["build_tiny"]:
+
+    rule build_tiny_model:
+        output:
+            directory(config["model"]["id"]),
+        params:
+            **stage_params("pipeline.tiny_sd", "model.resolution", "seed"),
+        log:
+            log_path("build_tiny_model", "model"),
+        benchmark:
+            benchmark_path("build_tiny_model", "model")
+        threads: 1
+        shell:
+            RUN + " build-model " + CONFIG_ARG + " --out {output} > {log} 2>&1"
+
+
+if config["dataset"]["name"] == "demo":
+
+    rule build_demo_dataset:
+        output:
+            directory(config["dataset"]["root"]),
+        params:
+            **stage_params("pipeline.demo", "dataset.demo", "seed"),
+        log:
+            log_path("build_demo_dataset", "demo"),
+        benchmark:
+            benchmark_path("build_demo_dataset", "demo")
+        threads: 1
+        shell:
+            RUN + " build-demo " + CONFIG_ARG + " --out {output} > {log} 2>&1"
+
+
+rule prepare:
+    input:
+        [config["dataset"]["root"]] if config["dataset"]["name"] == "demo" else [],
+    output:
+        manifest=layout.manifest(R),
+        classes=f"{R}/prepare/classes.json",
+        stats=f"{R}/prepare/stats.json",
+        masks=directory(f"{R}/prepare/masks"),
+    params:
+        **stage_params(
+            "pipeline.prepare",
+            "dataset",
+            "seed",
+            drop=["dataset.examples_per_class", "dataset.trial_seeds", "dataset.allow_fewer", "dataset.demo"],
+        ),
+        out=f"{R}/prepare",
+    log:
+        log_path("prepare", "prepare"),
+    benchmark:
+        benchmark_path("prepare", "prepare")
+    threads: workflow.cores
+    shell:
+        RUN + " prepare " + CONFIG_ARG + " --out {params.out} --threads {threads} > {log} 2>&1"
+
+
+rule fewshot:
+    input:
+        manifest=layout.manifest(R),
+    output:
+        layout.subset(R, "{k}", "{seed}"),
+    params:
+        **stage_params("pipeline.fewshot", "dataset.allow_fewer", "seed"),
+    log:
+        log_path("fewshot", layout.subset_name("{k}", "{seed}")),
+    threads: 1
+    shell:
+        RUN + " fewshot " + CONFIG_ARG + " --manifest {input.manifest} --examples-per-class {wildcards.k}"
+        " --trial-seed {wildcards.seed} --out {output} > {log} 2>&1"
