@@ -250,7 +250,8 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     for m in metrics:
         if int(m["examples_per_class"]) == ks[-1]:
             for name, acc in (m.get("per_class_accuracy") or {}).items():
-                per_class[m["method"]][name].append(acc)
+                if acc is not None:  # None: the class has no test image
+                    per_class[m["method"]][name].append(acc)
     if per_class:
         sections.append(
             _table(

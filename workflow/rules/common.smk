@@ -5,17 +5,23 @@
 # can change its output (`cfg`) and a hash of the pipeline source it runs (`code`).
 
 import os
-import shlex
 import sys
 from pathlib import Path
 
 import yaml
 from snakemake.exceptions import WorkflowError
 
-# The source tree next to this workflow: hashed for params and put first on the jobs' PYTHONPATH,
-# so the code whose hash decides reruns is the code the jobs run.
+# The source tree next to this workflow is hashed for params and put first on the jobs' PYTHONPATH
+# (jobs inherit this environment, also on cluster nodes, which parse this file again), so the code
+# whose hash decides reruns is the code the jobs run.
 SOURCE_ROOT = str(Path(workflow.basedir).parent.resolve())
 sys.path.insert(0, SOURCE_ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SOURCE_ROOT, os.environ.get("PYTHONPATH")) if p)
+
+
+envvars:
+    "PYTHONPATH",
+
 
 from pipeline import PipelineError, layout
 from pipeline.augment import parse_method
@@ -24,12 +30,11 @@ from pipeline.hashing import code_hash, value_hash
 
 R = config["results"]
 PAIRS = layout.subsets_in(config)
+SUBSET = layout.subset_name("{k}", "{seed}")  # job-name pattern of per-subset jobs
 NUM_SHARDS = config["generate"]["num_shards"]
 GENERATE_METHODS = config["generate"]["methods"]
 TRAIN_METHODS = config["train"]["methods"]
 TOKEN_METHODS = {"dafusion"}  # generation methods that prompt with learned tokens
-# Interpreter of this Snakemake run: jobs import `pipeline` from the same environment.
-PYTHON = shlex.quote(sys.executable)
 
 
 wildcard_constraints:
@@ -51,8 +56,8 @@ def check_config():
     if dataset["name"] != "demo" and not Path(dataset["root"]).is_dir():
         fail(f"dataset.root: folder {dataset['root']!r} does not exist (dataset.name is {dataset['name']!r}). Expected the dataset's root folder.")
     if not model["build_tiny"]:
-        local = Path(model["id"])
-        looks_local = model["id"].startswith((".", "/", "~")) or local.exists()
+        local = Path(model["id"]).expanduser()
+        looks_local = local.is_absolute() or model["id"].startswith(".") or local.exists()
         if looks_local and not (local / "model_index.json").is_file():
             fail(f"model.id: {model['id']!r} is not a diffusers checkpoint folder (no model_index.json). Expected a hub id such as CompVis/stable-diffusion-v1-4 or a folder saved with save_pretrained.")
     for name in TRAIN_METHODS:
@@ -99,13 +104,9 @@ def resolved_config_file():
     return str(path)
 
 
+# Every job runs `python -m pipeline <stage> --config {CONFIG_FILE} ...`; Snakemake sets
+# OMP_NUM_THREADS and friends to the job's threads.
 CONFIG_FILE = resolved_config_file()
-# Every job: same interpreter, same resolved config, as many math threads as Snakemake gave it.
-RUN = (
-    f"PYTHONPATH={shlex.quote(SOURCE_ROOT)}${{{{PYTHONPATH:+:$PYTHONPATH}}}} "
-    "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} " + PYTHON + " -m pipeline"
-)
-CONFIG_ARG = "--config " + shlex.quote(CONFIG_FILE)
 
 
 def model_input():
@@ -131,9 +132,18 @@ def report_outputs():
     return [f"{layout.report_dir(R)}/summary.csv", f"{layout.report_dir(R)}/index.html"]
 
 
-def log_path(stage, name):
-    return f"{R}/logs/{stage}/{name}.log"
+def tokens_arg(wildcards, input):
+    return f"--tokens {input.tokens}" if input.get("tokens") else ""
 
 
-def benchmark_path(stage, name):
-    return f"{R}/benchmarks/{stage}/{name}.tsv"
+def out_dir(wildcards, output):
+    """The folder a multi-file stage writes into: that of its first output."""
+    return str(Path(output[0]).parent)
+
+
+def log_path(rule_name, job_name):
+    return f"{R}/logs/{rule_name}/{job_name}.log"
+
+
+def benchmark_path(rule_name, job_name):
+    return f"{R}/benchmarks/{rule_name}/{job_name}.tsv"

@@ -9,14 +9,15 @@ rule fid_real_features:
     params:
         **stage_params("pipeline.fid", "fid"),
     log:
-        log_path("fid", "real-{split}"),
+        log_path("fid_real_features", "{split}"),
     benchmark:
-        benchmark_path("fid", "real-{split}")
+        benchmark_path("fid_real_features", "{split}")
     threads: workflow.cores
     resources:
         gpu=1,
     shell:
-        RUN + " fid-features " + CONFIG_ARG + " --manifest {input.manifest} --split {wildcards.split} --out {output} > {log} 2>&1"
+        "python -m pipeline fid-features --config {CONFIG_FILE} --manifest {input.manifest}"
+        " --split {wildcards.split} --out {output} > {log} 2>&1"
 
 
 rule fid:
@@ -29,12 +30,12 @@ rule fid:
     params:
         **stage_params("pipeline.fid", "fid", "seed"),
     log:
-        log_path("fid", "{method}/" + layout.subset_name("{k}", "{seed}")),
+        log_path("fid", f"{{method}}/{SUBSET}"),
     benchmark:
-        benchmark_path("fid", "{method}/" + layout.subset_name("{k}", "{seed}"))
+        benchmark_path("fid", f"{{method}}/{SUBSET}")
     threads: workflow.cores
     resources:
         gpu=1,
     shell:
-        RUN + " fid " + CONFIG_ARG + " --real {input.real} --reference {input.reference}"
+        "python -m pipeline fid --config {CONFIG_FILE} --real {input.real} --reference {input.reference}"
         " --synthetic {input.shards} --out {output} > {log} 2>&1"

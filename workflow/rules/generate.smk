@@ -1,10 +1,6 @@
 # generate: SDEdit synthetic images, one Parquet shard per job (generate.num_shards jobs per subset).
 
 
-def tokens_arg(wildcards, input):
-    return f"--tokens {input.tokens}" if input.get("tokens") else ""
-
-
 rule generate:
     input:
         model_input(),
@@ -13,7 +9,8 @@ rule generate:
     output:
         layout.shard(R, "{method}", "{k}", "{seed}", "{shard}", "{total}"),
     params:
-        # batch_size is left out: images do not depend on it, so changing it reruns nothing.
+        # batch_size is left out: seeds, strengths and prompts do not depend on it (pixels may move by
+        # a level or two: CPU/GPU kernels are not batch-invariant), so changing it reruns nothing.
         **stage_params(
             "pipeline.generate",
             "model",
@@ -23,12 +20,12 @@ rule generate:
         ),
         tokens=tokens_arg,
     log:
-        log_path("generate", "{method}/" + layout.subset_name("{k}", "{seed}") + "/shard-{shard}-of-{total}"),
+        log_path("generate", f"{{method}}/{SUBSET}/shard-{{shard}}-of-{{total}}"),
     benchmark:
-        benchmark_path("generate", "{method}/" + layout.subset_name("{k}", "{seed}") + "/shard-{shard}-of-{total}")
+        benchmark_path("generate", f"{{method}}/{SUBSET}/shard-{{shard}}-of-{{total}}")
     threads: 1
     resources:
         gpu=1,
     shell:
-        RUN + " generate " + CONFIG_ARG + " --subset {input.subset} {params.tokens} --method {wildcards.method}"
-        " --shard {wildcards.shard} --num-shards {wildcards.total} --out {output} > {log} 2>&1"
+        "python -m pipeline generate --config {CONFIG_FILE} --subset {input.subset} {params.tokens}"
+        " --method {wildcards.method} --shard {wildcards.shard} --num-shards {wildcards.total} --out {output} > {log} 2>&1"

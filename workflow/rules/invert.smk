@@ -10,11 +10,11 @@ rule invert:
     params:
         **stage_params("pipeline.invert", "model", "invert", "seed", drop=["model.build_tiny"]),
     log:
-        log_path("invert", layout.subset_name("{k}", "{seed}")),
+        log_path("invert", SUBSET),
     benchmark:
-        benchmark_path("invert", layout.subset_name("{k}", "{seed}"))
+        benchmark_path("invert", SUBSET)
     threads: 1
     resources:
         gpu=1,
     shell:
-        RUN + " invert " + CONFIG_ARG + " --subset {input.subset} --out {output} > {log} 2>&1"
+        "python -m pipeline invert --config {CONFIG_FILE} --subset {input.subset} --out {output} > {log} 2>&1"

@@ -14,7 +14,7 @@ if config["model"]["build_tiny"]:
             benchmark_path("build_tiny_model", "model")
         threads: 1
         shell:
-            RUN + " build-model " + CONFIG_ARG + " --out {output} > {log} 2>&1"
+            "python -m pipeline build-model --config {CONFIG_FILE} --out {output} > {log} 2>&1"
 
 
 if config["dataset"]["name"] == "demo":
@@ -30,7 +30,7 @@ if config["dataset"]["name"] == "demo":
             benchmark_path("build_demo_dataset", "demo")
         threads: 1
         shell:
-            RUN + " build-demo " + CONFIG_ARG + " --out {output} > {log} 2>&1"
+            "python -m pipeline build-demo --config {CONFIG_FILE} --out {output} > {log} 2>&1"
 
 
 rule prepare:
@@ -48,14 +48,14 @@ rule prepare:
             "seed",
             drop=["dataset.examples_per_class", "dataset.trial_seeds", "dataset.allow_fewer", "dataset.demo"],
         ),
-        out=f"{R}/prepare",
+        out=out_dir,
     log:
         log_path("prepare", "prepare"),
     benchmark:
         benchmark_path("prepare", "prepare")
     threads: workflow.cores
     shell:
-        RUN + " prepare " + CONFIG_ARG + " --out {params.out} --threads {threads} > {log} 2>&1"
+        "python -m pipeline prepare --config {CONFIG_FILE} --out {params.out} --threads {threads} > {log} 2>&1"
 
 
 rule fewshot:
@@ -66,8 +66,8 @@ rule fewshot:
     params:
         **stage_params("pipeline.fewshot", "dataset.allow_fewer", "seed"),
     log:
-        log_path("fewshot", layout.subset_name("{k}", "{seed}")),
+        log_path("fewshot", SUBSET),
     threads: 1
     shell:
-        RUN + " fewshot " + CONFIG_ARG + " --manifest {input.manifest} --examples-per-class {wildcards.k}"
-        " --trial-seed {wildcards.seed} --out {output} > {log} 2>&1"
+        "python -m pipeline fewshot --config {CONFIG_FILE} --manifest {input.manifest}"
+        " --examples-per-class {wildcards.k} --trial-seed {wildcards.seed} --out {output} > {log} 2>&1"

@@ -10,9 +10,9 @@ rule report:
         report_outputs(),
     params:
         **stage_params("pipeline.report", "report", "train.methods", "generate.methods", "dataset"),
-        out=layout.report_dir(R),
+        out=out_dir,
     log:
         log_path("report", "report"),
     threads: 1
     shell:
-        RUN + " report " + CONFIG_ARG + " --out {params.out} > {log} 2>&1"
+        "python -m pipeline report --config {CONFIG_FILE} --out {params.out} > {log} 2>&1"

@@ -9,14 +9,22 @@ rule train:
     output:
         layout.metrics(R, "{method}", "{k}", "{seed}"),
     params:
-        **stage_params("pipeline.train", "train", "dataset.name", "seed", drop=["train.methods"]),
+        # num_workers and inference_batch_size change speed, not results.
+        **stage_params(
+            "pipeline.train",
+            "train",
+            "dataset.name",
+            "generate.methods",
+            "seed",
+            drop=["train.methods", "train.num_workers", "train.inference_batch_size"],
+        ),
     log:
-        log_path("train", "{method}/" + layout.subset_name("{k}", "{seed}")),
+        log_path("train", f"{{method}}/{SUBSET}"),
     benchmark:
-        benchmark_path("train", "{method}/" + layout.subset_name("{k}", "{seed}"))
+        benchmark_path("train", f"{{method}}/{SUBSET}")
     threads: workflow.cores
     resources:
         gpu=1,
     shell:
-        RUN + " train " + CONFIG_ARG + " --subset {input.subset} --manifest {input.manifest}"
+        "python -m pipeline train --config {CONFIG_FILE} --subset {input.subset} --manifest {input.manifest}"
         " --synthetic {input.shards} --method {wildcards.method} --seed {wildcards.seed} --out {output} > {log} 2>&1"

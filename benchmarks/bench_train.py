@@ -1,0 +1,114 @@
+"""Throughput of the two training paths of `pipeline.train`, on this machine's CPU (or --device).
+
+  cached: one-time embedding of the pool (each image and its mirror image through the frozen
+          backbone), then linear-head steps on the cached features;
+  pixels: every draw decoded-once uint8 -> RandAugment -> backbone -> head, per step, through the
+          same plan dataset and DataLoader that training uses.
+
+Usage: python benchmarks/bench_train.py [--image-size 96] [--batch-size 32] [--threads N] [--workers W]
+Prints one Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.augment import image_transform
+from pipeline.backbones import Classifier, build_backbone
+from pipeline.config import validate_config
+from pipeline.train import _PlanDataset, draw_plan, train_step
+
+
+def timed(function, repeat: int) -> float:
+    """Seconds per call, after one warm-up call."""
+    function()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        function()
+    return (time.perf_counter() - start) / repeat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--pool", type=int, default=256, help="images in the training pool (real + synthetic)")
+    parser.add_argument("--head-steps", type=int, default=2000)
+    parser.add_argument("--pixel-steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    options = validate_config({"train": {"image_size": args.image_size}})["train"]
+    batch = args.batch_size
+
+    model = Classifier(build_backbone(args.backbone, "imagenet"), args.classes, frozen=True).to(device)
+    plan = draw_plan(args.pool, np.full(args.pool, 0), (args.head_steps + 1) * batch, 0.0, True,
+                     np.random.default_rng(0), np.random.default_rng(1))
+    labels = torch.randint(0, args.classes, (args.pool,))
+    images = torch.randint(0, 256, (args.pool, 3, args.image_size, args.image_size), dtype=torch.uint8)
+
+    # One-time cost of the cached path: the pool and its mirror images through the backbone.
+    embed_batch = images[:batch].to(device).float() / 255
+
+    def embed():
+        with torch.no_grad():
+            model.backbone(embed_batch)
+
+    embed_images_per_s = batch / timed(embed, repeat=3)
+
+    features = torch.randn(2, args.pool, model.backbone.feature_dim, device=device)
+    pool_index = torch.from_numpy(plan.pool_index).to(device)
+    view = torch.from_numpy(plan.flip).long().to(device)
+    pool_labels = labels.to(device)
+    head_optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-3)
+    model.train()
+    steps_done = 0
+
+    def head_step():
+        nonlocal steps_done
+        draws = slice(steps_done * batch, (steps_done + 1) * batch)
+        steps_done += 1
+        train_step(model.head, head_optimizer, features[view[draws], pool_index[draws]], pool_labels[pool_index[draws]])
+
+    head_steps_per_s = 1 / timed(head_step, repeat=args.head_steps)
+
+    dataset = _PlanDataset(images, labels, plan, image_transform(["randaugment"], options))
+    loader = DataLoader(dataset, batch_size=batch, num_workers=args.workers, generator=torch.Generator().manual_seed(0))
+    batches = iter(loader)
+    pixel_optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-3)
+
+    def pixel_step():
+        inputs, targets = next(batches)
+        train_step(model, pixel_optimizer, inputs.to(device), targets.to(device))
+
+    pixel_images_per_s = batch / timed(pixel_step, repeat=args.pixel_steps)
+    augment_images_per_s = batch / timed(lambda: [dataset[k] for k in range(batch)], repeat=args.pixel_steps)
+
+    print(f"train paths, {args.backbone} frozen at {args.image_size} px, batch {batch}, {args.classes} classes; "
+          f"{platform.processor() or platform.machine()}, torch threads {args.threads}, workers {args.workers}, device {device}")
+    print()
+    print("| measure | rate |")
+    print("|---|---|")
+    print(f"| cached: embedding (one-time, per pool image and per mirror image) | {embed_images_per_s:.1f} images/s |")
+    print(f"| cached: linear-head steps | {head_steps_per_s:.0f} steps/s ({head_steps_per_s * batch:.0f} draws/s) |")
+    print(f"| pixels: RandAugment alone (per image, main process) | {augment_images_per_s:.0f} images/s |")
+    print(f"| pixels: full step (RandAugment + backbone + head) | {pixel_images_per_s:.1f} images/s ({pixel_images_per_s / batch:.2f} steps/s) |")
+    steps = 10_000
+    cached_s = 2 * args.pool / embed_images_per_s + steps / head_steps_per_s
+    pixel_s = steps * batch / pixel_images_per_s
+    print(f"| 10,000 steps over a {args.pool}-image pool: cached vs pixels | {cached_s:.0f} s vs {pixel_s:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Training method names and the standard image augmentations they are compared against.
+
+A training method is "+"-joined parts: at most one synthetic-image source (a generation method such
+as `dafusion`) and any of the standard augmentations below, e.g. `baseline`, `dafusion`,
+`randaugment`, `dafusion+mixup`, `real-guidance+cutmix`. `baseline` stands alone: real images with
+the standard horizontal flip only. Every method gets that flip (train.flip), so methods differ only
+in what their name adds.
+
+The workflow parses method names when it reads the Snakefile, so this module imports torch and
+torchvision only inside the functions that build transforms.
+"""
+
+from __future__ import annotations
+
+from pipeline import PipelineError
+
+BASELINE = "baseline"
+
+# Per-image augmentations on uint8 pixels (randaugment, autoaugment) or on [0, 1] floats (cutout).
+IMAGE_AUGMENTATIONS = ("randaugment", "autoaugment", "cutout")
+# Augmentations that mix the images and labels of a batch.
+BATCH_AUGMENTATIONS = ("mixup", "cutmix")
+AUGMENTATIONS = IMAGE_AUGMENTATIONS + BATCH_AUGMENTATIONS
+
+
+def parse_method(name: str, synthetic_methods: set[str]) -> tuple[str | None, list[str]]:
+    """Split a training method name into its synthetic source (or None) and its augmentations.
+
+    `synthetic_methods` are the generation methods whose shards this run can use (the config's
+    generate.methods). Augmentations come back in the order written.
+    """
+    parts = name.split("+")
+    valid = f"{BASELINE} alone, or '+'-joined parts from {sorted(synthetic_methods) + list(AUGMENTATIONS)}"
+    if parts == [BASELINE]:
+        return None, []
+    synthetic: str | None = None
+    augmentations: list[str] = []
+    for part in parts:
+        if part == BASELINE:
+            raise PipelineError(f"training method {name!r}: '{BASELINE}' cannot be combined with other parts. Expected {valid}.")
+        if part in synthetic_methods:
+            if synthetic is not None:
+                raise PipelineError(f"training method {name!r} names two synthetic sources ({synthetic!r} and {part!r}). Expected at most one.")
+            synthetic = part
+        elif part in AUGMENTATIONS:
+            if part in augmentations:
+                raise PipelineError(f"training method {name!r} names {part!r} twice.")
+            augmentations.append(part)
+        else:
+            raise PipelineError(f"training method {name!r}: unknown part {part!r}. Expected {valid}.")
+    return synthetic, augmentations
+
+
+def image_transform(augmentations: list[str], train_config: dict):
+    """Per-image training transform: uint8 tensor [3, H, W] in, float tensor in [0, 1] out.
+
+    The flip and the resize are not here: images are resized once when decoded, and the flip is
+    drawn with the training plan so cached-feature and pixel training see the same flips.
+    Random draws use torch's global generator; the caller seeds it per draw.
+    """
+    from torch import float32
+    from torchvision.transforms import v2
+
+    steps = []
+    if "randaugment" in augmentations:
+        options = train_config["randaugment"]
+        steps.append(v2.RandAugment(num_ops=options["num_ops"], magnitude=options["magnitude"]))
+    if "autoaugment" in augmentations:
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(train_config["autoaugment_policy"])))
+    steps.append(v2.ToDtype(float32, scale=True))
+    if "cutout" in augmentations:
+        low, high = train_config["cutout_scale"]
+        if low > high:
+            raise PipelineError(f"train.cutout_scale: got [{low}, {high}]. Expected [smallest, largest] area share.")
+        # Cutout (DeVries & Taylor 2017): one black square per image, its area a random share of the image.
+        steps.append(v2.RandomErasing(p=1.0, scale=(low, high), ratio=(1.0, 1.0), value=0.0))
+    return v2.Compose(steps)
+
+
+def batch_transform(augmentations: list[str], num_classes: int, train_config: dict):
+    """MixUp and/or CutMix on a batch (images [B, 3, H, W], int labels [B]) -> (images, soft labels [B, C]).
+
+    With both, each batch gets one of them at random, as in DeiT. None when neither is asked for.
+    """
+    from torchvision.transforms import v2
+
+    mixers = []
+    if "mixup" in augmentations:
+        mixers.append(v2.MixUp(alpha=train_config["mixup_alpha"], num_classes=num_classes))
+    if "cutmix" in augmentations:
+        mixers.append(v2.CutMix(alpha=train_config["cutmix_alpha"], num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

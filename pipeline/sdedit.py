@@ -1,0 +1,158 @@
+"""Batched SDEdit (img2img) with Stable Diffusion, one seed per image, no hidden random state.
+
+This is the sampling loop of diffusers' `StableDiffusionImg2ImgPipeline` (SDEdit, Meng et al. 2022;
+DA-Fusion eq. 5) taken apart so that a batch can mix source images, prompts and seeds while every
+image keeps its own random stream:
+
+* each source image is VAE-encoded once (`encode_source`) and reused for all its synthetic copies;
+* each synthetic image draws, from its own CPU generator and in img2img's order, first the VAE
+  latent sample and then the start noise (`start_latents`), so its randomness does not depend on
+  which batch it lands in, and `StableDiffusionImg2ImgPipeline(..., generator=torch.Generator().
+  manual_seed(seed))` on the same inputs draws the very same numbers;
+* one UNet call per step covers the whole batch, unconditional and conditional halves together.
+
+All images of a batch share one strength, since the strength decides where on the schedule
+denoising starts and hence how many steps run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from PIL import Image
+
+from pipeline import PipelineError
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("default", "dpm-solver++", "ddim")
+
+# Schedulers that draw fresh noise inside every step. They would take it from the global RNG
+# (the batch shares one scheduler), so an image would depend on its batch: refuse them.
+STOCHASTIC_SCHEDULERS = {
+    "DDPMScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverSDEScheduler",
+    "LCMScheduler",
+}
+
+
+def load_img2img(model: dict, generate: dict, device: torch.device, dtype: torch.dtype):
+    """StableDiffusionImg2ImgPipeline for `model["id"]` on `device`, without safety checker.
+
+    `generate["scheduler"]` swaps the checkpoint's own scheduler for DPM-Solver++ or DDIM (same
+    noise schedule); `channels_last` and `compile` trade start-up time for speed on GPUs.
+    """
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
+
+    try:
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+            model["id"], dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as exc:
+        raise PipelineError(
+            f"model.id {model['id']!r}: cannot load a Stable Diffusion checkpoint ({exc}). "
+            "Expected a diffusers-format folder or a Hugging Face model id."
+        ) from None
+    if generate["scheduler"] == "dpm-solver++":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    elif generate["scheduler"] == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler_name = type(pipe.scheduler).__name__
+    if scheduler_name in STOCHASTIC_SCHEDULERS or "sde" in str(pipe.scheduler.config.get("algorithm_type", "")):
+        raise PipelineError(
+            f"model.id {model['id']!r} ships the stochastic scheduler {scheduler_name}, which draws noise at every "
+            f"step from global random state. Expected generate.scheduler set to one of {SCHEDULERS[1:]}."
+        )
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if generate["channels_last"]:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if generate["compile"]:
+        pipe.unet.compile()
+    return pipe
+
+
+def denoising_steps(num_inference_steps: int, strength: float) -> int:
+    """Denoising steps img2img runs at `strength` on an `num_inference_steps` schedule (as diffusers counts)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+def use_guidance(pipe, guidance_scale: float) -> bool:
+    """Classifier-free guidance is on above scale 1, as in diffusers (a scale of 1 is the conditional model)."""
+    return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+
+
+def encode_prompt(pipe, prompt: str) -> torch.Tensor:
+    """Text-encoder hidden states [1, 77, dim] of one prompt (multi-vector tokens expanded by diffusers)."""
+    embeds, _ = pipe.encode_prompt(prompt, pipe.device, 1, do_classifier_free_guidance=False)
+    return embeds
+
+
+def encode_negative_prompt(pipe) -> torch.Tensor:
+    """The unconditional embedding [1, 77, dim] img2img guides away from (the empty prompt)."""
+    _, negative = pipe.encode_prompt("", pipe.device, 1, do_classifier_free_guidance=True)
+    return negative
+
+
+def encode_source(pipe, image: Image.Image, resolution: int):
+    """The VAE's latent distribution of `image` resized to `resolution`² (bilinear, as DA-Fusion does).
+
+    Resizing, not cropping, keeps every object of a multi-object scene in view.
+    """
+    canvas = image.resize((resolution, resolution), Image.BILINEAR)
+    pixels = pipe.image_processor.preprocess(canvas).to(pipe.device, pipe.vae.dtype)
+    return pipe.vae.encode(pixels).latent_dist
+
+
+def start_latents(pipe, latent_dist, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled clean latent, start noise) for one synthetic image, both drawn from its own CPU `generator`.
+
+    The order of draws is img2img's: the VAE sample first, then the noise.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    clean = pipe.vae.config.scaling_factor * latent_dist.sample(generator)
+    noise = randn_tensor(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+    return clean, noise
+
+
+def sdedit(
+    pipe,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    strength: float,
+    num_inference_steps: int,
+    guidance_scale: float,
+) -> list[Image.Image]:
+    """Noise the clean latents [B,4,h,w] to the strength's timestep and denoise them; decode to images.
+
+    `negative_embeds` is the unconditional embedding [1,77,dim], or None when guidance is off.
+    The caller holds torch.inference_mode.
+    """
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_inference_steps, device=pipe.device)
+    start = num_inference_steps - denoising_steps(num_inference_steps, strength)
+    timesteps = scheduler.timesteps[start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    batch = clean.shape[0]
+    latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
+    if negative_embeds is not None:
+        # One UNet call for both halves: [uncond x B, cond x B].
+        prompt_embeds = torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds])
+    for t in timesteps:
+        model_input = torch.cat([latents] * 2) if negative_embeds is not None else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        if negative_embeds is not None:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + guidance_scale * (cond - uncond)
+        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(decoded, output_type="pil")

