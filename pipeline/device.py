@@ -1,18 +1,89 @@
-"""Which torch device and dtype a stage runs on."""
+"""Which torch device and dtype a stage runs on, and which GPU a job gets on a multi-GPU workstation.
+
+Snakemake's `--resources gpu=4` lets four GPU jobs run at once but assigns no device ids. Each job
+therefore claims a free GPU itself: it takes an exclusive `flock` on one lock file per device and
+holds it for the life of the process. The kernel releases the lock when the process ends, even on a
+crash or kill, so a device is never left claimed by a dead job. Under a cluster scheduler that
+already restricts the visible devices (SLURM, or any CUDA_VISIBLE_DEVICES), nothing is claimed.
+"""
 
 from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 
 from pipeline import PipelineError
 
+log = logging.getLogger(__name__)
+
+# Open lock files of the GPUs this process holds: closing one (or exiting) releases the device.
+_held_locks: dict[int, object] = {}
+
+
+def default_lock_dir() -> Path:
+    """Per-user folder for GPU lock files; DAFUSION_GPU_LOCK_DIR overrides it (e.g. for a shared lab box)."""
+    return Path(os.environ.get("DAFUSION_GPU_LOCK_DIR") or Path(tempfile.gettempdir()) / f"dafusion-gpu-locks-{os.getuid()}")
+
+
+def claim_gpu(device_count: int, lock_dir: Path | None = None) -> int:
+    """Claim the lowest-numbered GPU no other process holds; return its index.
+
+    The claim lasts until `release_gpu(index)` or the end of the process.
+    """
+    lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(device_count):
+        if index in _held_locks:
+            continue
+        handle = open(lock_dir / f"gpu-{index}.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _held_locks[index] = handle
+        return index
+    raise PipelineError(
+        f"all {device_count} GPUs are claimed by other jobs (lock files in {lock_dir}). "
+        f"Expected at most {device_count} GPU jobs at once: run snakemake with --resources gpu={device_count} or less"
+    )
+
+
+def release_gpu(index: int) -> None:
+    handle = _held_locks.pop(index, None)
+    if handle is not None:
+        handle.close()
+
+
+def _scheduler_assigned_devices() -> bool:
+    return "CUDA_VISIBLE_DEVICES" in os.environ or "SLURM_JOB_ID" in os.environ
+
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`auto`: CUDA if available, else CPU. On a machine with several visible GPUs and no scheduler
+    assignment, the process claims a free one (see the module docstring)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("device: 'cuda' was asked for but torch sees no CUDA device. Expected 'auto' or 'cpu' here.")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count == 1 or _scheduler_assigned_devices():
+        return torch.device("cuda", 0)
+    if not _held_locks:
+        index = claim_gpu(count)
+        log.info("claimed GPU %d of %d (%s)", index, count, torch.cuda.get_device_name(index))
+    index = min(_held_locks)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -7,7 +7,7 @@ rule fid_real_features:
     output:
         layout.real_features(R, "{split}"),
     params:
-        **stage_params("pipeline.fid", "fid"),
+        **stage_params("pipeline.fid", "fid", drop=["fid.batch_size", "fid.kid_subsets", "fid.kid_subset_size"]),
     log:
         log_path("fid_real_features", "{split}"),
     benchmark:
@@ -28,7 +28,7 @@ rule fid:
     output:
         layout.fid(R, "{method}", "{k}", "{seed}"),
     params:
-        **stage_params("pipeline.fid", "fid", "seed"),
+        **stage_params("pipeline.fid", "fid", "seed", drop=["fid.batch_size"]),
     log:
         log_path("fid", f"{{method}}/{SUBSET}"),
     benchmark:

@@ -16,7 +16,7 @@ rule generate:
             "model",
             "generate",
             "seed",
-            drop=["model.build_tiny", "generate.batch_size", "generate.methods", "generate.num_shards"],
+            drop=["model.build_tiny", "generate.batch_size", "generate.flush_every", "generate.methods", "generate.num_shards"],
         ),
         tokens=tokens_arg,
     log:
