@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
 
 import pytest
 import yaml
@@ -78,6 +79,12 @@ def test_end_to_end_run_and_cache(project):
 
     # A second run has nothing to do.
     assert project.planned_jobs() == {}
+
+    # Snakemake's own report embeds our page.
+    project.snakemake("--report", "snakemake-report.zip")
+    with zipfile.ZipFile(project.root / "snakemake-report.zip") as archive:
+        names = archive.namelist()
+    assert any(n.endswith("/index.html") for n in names) and any(n.endswith("/summary.csv") for n in names), names
 
     # Changing a generation parameter reruns generation and what depends on it, not prepare or invert.
     config["generate"]["guidance_scale"] = 3.0

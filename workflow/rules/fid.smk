@@ -12,7 +12,7 @@ rule fid_real_features:
         log_path("fid_real_features", "{split}"),
     benchmark:
         benchmark_path("fid_real_features", "{split}")
-    threads: workflow.cores
+    threads: 4
     resources:
         gpu=1,
     shell:
@@ -33,7 +33,7 @@ rule fid:
         log_path("fid", f"{{method}}/{SUBSET}"),
     benchmark:
         benchmark_path("fid", f"{{method}}/{SUBSET}")
-    threads: workflow.cores
+    threads: 4
     resources:
         gpu=1,
     shell:

@@ -53,7 +53,7 @@ rule prepare:
         log_path("prepare", "prepare"),
     benchmark:
         benchmark_path("prepare", "prepare")
-    threads: workflow.cores
+    threads: 8
     shell:
         "python -m pipeline prepare --config {CONFIG_FILE} --out {params.out} --threads {threads} > {log} 2>&1"
 

@@ -7,7 +7,8 @@ rule report:
         subsets=[layout.subset(R, k, s) for k, s in PAIRS],
         **layout.expected_outputs(config),
     output:
-        report_outputs(),
+        summary=report(report_outputs()[0], caption="../report/summary.rst", category="Results"),
+        page=report(report_outputs()[1], caption="../report/page.rst", category="Results"),
     params:
         **stage_params("pipeline.report", "report", "train.methods", "generate.methods", "dataset"),
         out=out_dir,

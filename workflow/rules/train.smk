@@ -22,7 +22,7 @@ rule train:
         log_path("train", f"{{method}}/{SUBSET}"),
     benchmark:
         benchmark_path("train", f"{{method}}/{SUBSET}")
-    threads: workflow.cores
+    threads: 4
     resources:
         gpu=1,
     shell:
