@@ -12,22 +12,18 @@ import yaml
 from conftest import tiny_config
 
 
-def test_config_error_names_the_key(project):
+@pytest.mark.parametrize(
+    "key, value",
+    [("guidance_scal", 3.0), ("num_shards", "two")],
+    ids=["misspelt key", "wrong type"],
+)
+def test_config_error_names_the_key(project, key, value):
     config = tiny_config()
-    config["generate"]["guidance_scal"] = 3.0
+    config["generate"][key] = value
     project.write_config(config)
     proc = project.snakemake("-n", check=False)
     assert proc.returncode != 0
-    assert "guidance_scal" in proc.stdout + proc.stderr
-
-
-def test_wrong_type_names_the_key(project):
-    config = tiny_config()
-    config["generate"]["num_shards"] = "two"
-    project.write_config(config)
-    proc = project.snakemake("-n", check=False)
-    assert proc.returncode != 0
-    assert "num_shards" in proc.stdout + proc.stderr
+    assert key in proc.stdout + proc.stderr
 
 
 def test_missing_dataset_root_stops_before_any_job(project):
