@@ -9,6 +9,10 @@ from __future__ import annotations
 from itertools import product
 
 
+# Generation methods that prompt with the learned class tokens of the invert stage.
+TOKEN_METHODS = frozenset({"dafusion"})
+
+
 def subset_name(k, trial_seed) -> str:
     return f"k{k}_seed{trial_seed}"
 
@@ -62,6 +66,7 @@ def expected_outputs(config: dict) -> dict[str, list[str]]:
     num_shards = config["generate"]["num_shards"]
     methods = config["generate"]["methods"]
     return {
+        "tokens": [tokens(results, k, s) for k, s in pairs] if TOKEN_METHODS & set(methods) else [],
         "metrics": [metrics(results, m, k, s) for m in config["train"]["methods"] for k, s in pairs],
         "fid": [fid(results, m, k, s) for m in methods for k, s in pairs],
         "shards": [p for m in methods for k, s in pairs for p in shards(results, m, k, s, num_shards)],

@@ -114,6 +114,37 @@ def accuracy_plot(agg: dict, methods: list[str], ks: list[int], title: str) -> s
     return uri
 
 
+def inversion_loss_plot(loss_files: dict[str, Path]) -> str:
+    """Textual-inversion loss against step, one panel per subset, one line per run ("all" in joint
+    mode, else one per class), smoothed over a window so a trend shows through the noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(loss_files), figsize=(3.2 * len(loss_files), 2.8), sharey=True, squeeze=False)
+    for ax, (subset, path) in zip(axes[0], loss_files.items()):
+        curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                curves[row["class"]].append((int(row["step"]), float(row["loss"])))
+        for name, points in sorted(curves.items()):
+            steps = np.array([s for s, _ in points])
+            losses = np.array([v for _, v in points])
+            window = max(1, len(losses) // 10)
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1 :], smooth, label=name, linewidth=1)
+        ax.set_title(subset, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("noise-prediction MSE")
+    if sum(len(ax.get_lines()) for ax in axes[0]) <= 12:
+        axes[0][-1].legend(frameon=False, fontsize=7)
+    uri = _png_data_uri(fig)
+    plt.close(fig)
+    return uri
+
+
 def image_grid(manifest_rows: dict[str, dict], shard_rows: list[dict], max_sources: int, thumb: int = 96) -> str:
     """One row per source image: the real image, then its synthetic versions by increasing strength,
     as a PNG data URI ("" when there is nothing to show)."""
@@ -282,6 +313,15 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
             f'<p class="note">Fewer than {FID_RELIABLE_N} images on at least one side: the feature covariance is rank-deficient and '
             "FID is biased upwards; compare KID (unbiased for small sets) and the real-vs-real floor instead.</p>"
         )
+
+    if expected["tokens"]:
+        loss_files = {Path(d).name: Path(d) / "loss.csv" for d in expected["tokens"]}
+        sections.append("<h2>Textual inversion: did the tokens learn?</h2>")
+        sections.append(
+            '<p class="muted">Training loss of the learned class tokens (moving average over a tenth of the run). '
+            "A curve that does not fall means the token learned little about its class.</p>"
+        )
+        sections.append(f'<img alt="textual inversion loss" src="{inversion_loss_plot(loss_files)}">')
 
     by_id = {row["image_id"]: row for row in manifest_rows}
     k0, s0 = layout.subsets_in(config)[0]

@@ -63,6 +63,9 @@ def fake_results(tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(value))
     for k, s in layout.subsets_in(config):
+        tokens = tmp_path / layout.tokens(str(results), k, s)
+        tokens.mkdir(parents=True)
+        (tokens / "loss.csv").write_text("step,class,loss\n" + "".join(f"{i},all,{1 - i / 100}\n" for i in range(1, 41)))
         path = tmp_path / layout.fid(str(results), "dafusion", k, s)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"fid": 12.5, "kid": 0.01, "kid_std": 0.002, "n_real": 2, "n_synthetic": 4}))
@@ -74,6 +77,12 @@ def fake_results(tmp_path):
         ]
         write_parquet(layout.shard(str(results), "dafusion", k, s, 0, 1), pa.Table.from_pylist(synthetic, schema=SHARD_SCHEMA))
     return config
+
+
+def test_token_methods_match_the_generate_stage():
+    from pipeline.generate import METHODS
+
+    assert {name for name, method in METHODS.items() if method.needs_tokens} == layout.TOKEN_METHODS
 
 
 def test_report_tables_and_page(fake_results, tmp_path):
@@ -89,6 +98,7 @@ def test_report_tables_and_page(fake_results, tmp_path):
     assert by_method[("dafusion", "1")]["n_trials"] == "2"
     page = (out / "index.html").read_text()
     assert "(+10.0)" in page  # dafusion vs baseline at each k
-    assert page.count("data:image/png;base64,") == 2  # accuracy curve + one grid
+    assert page.count("data:image/png;base64,") == 3  # accuracy curve, inversion loss, one grid
+    assert "did the tokens learn?" in page
     assert "randomly initialised" in page  # the tiny-model warning
     assert "Fewer than 2048" in page

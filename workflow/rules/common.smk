@@ -34,7 +34,6 @@ SUBSET = layout.subset_name("{k}", "{seed}")  # job-name pattern of per-subset j
 NUM_SHARDS = config["generate"]["num_shards"]
 GENERATE_METHODS = config["generate"]["methods"]
 TRAIN_METHODS = config["train"]["methods"]
-TOKEN_METHODS = {"dafusion"}  # generation methods that prompt with learned tokens
 
 
 wildcard_constraints:
@@ -115,7 +114,7 @@ def model_input():
 
 
 def tokens_input(wildcards):
-    if wildcards.method in TOKEN_METHODS:
+    if wildcards.method in layout.TOKEN_METHODS:
         return layout.tokens(R, wildcards.k, wildcards.seed)
     return []
 
