@@ -37,7 +37,7 @@ from pipeline.hashing import value_hash
 from pipeline.io import atomic_path, open_image, read_json
 from pipeline.manifest import read_manifest
 from pipeline.progress import progress
-from pipeline.rng import torch_generator
+from pipeline.rng import derive_seed, torch_generator
 from pipeline.tokens import (
     TOKENS_FILE,
     format_prompt,
@@ -422,6 +422,8 @@ def invert_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: l
     initial = add_class_tokens(components, class_tokens, invert_config["init"], num_vectors)
     first_new_id = components.text_encoder.get_input_embeddings().num_embeddings
 
+    # Each trial draws its own timesteps, noise and batches, so trials are independent repetitions.
+    trial_seed = derive_seed(config["seed"], STAGE, "trial", meta.get("trial_seed", 0))
     classes = list(class_tokens)
     runs = [[name] for name in classes] if invert_config["mode"] == "per_class" else [classes]
     checkpoint_dir = checkpoint_dir_for(out_dir)
@@ -440,7 +442,7 @@ def invert_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: l
             first_new_id + offset,
             invert_config,
             model_config["resolution"],
-            config["seed"],
+            trial_seed,
             checkpoint_dir / f"{value_hash(run)}.pt",
         )
         for i, name in enumerate(run):

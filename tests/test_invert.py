@@ -27,7 +27,7 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd", resolution=64, seed=0)
 
 
-def write_subset(folder: Path, images_per_class: dict[str, int], classes: list[str] = CLASSES) -> Path:
+def write_subset(folder: Path, images_per_class: dict[str, int], classes: list[str] = CLASSES, trial_seed: int = 0) -> Path:
     """A few-shot subset manifest over digit-like PNGs (a random blob per image, seeded)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -44,7 +44,7 @@ def write_subset(folder: Path, images_per_class: dict[str, int], classes: list[s
     rows.append(dict(image_id="img-test", path="missing.png", split="test", label=0, class_name=classes[0],
                      mask_path=None, width=48, height=40))
     subset = folder / "subset.parquet"
-    meta = {"dataset_root": str(folder), "mask_root": str(folder), "classes": classes, "trial_seed": 0, "examples_per_class": 2}
+    meta = {"dataset_root": str(folder), "mask_root": str(folder), "classes": classes, "trial_seed": trial_seed, "examples_per_class": 2}
     write_parquet(subset, manifest_table(rows), meta)
     return subset
 
@@ -171,6 +171,18 @@ def test_resume_after_interruption_gives_the_same_result(tiny_model, subset, tmp
     _, merged_vectors = load_token_file(merged)
     assert all(torch.equal(merged_vectors[t], expected[t]) for t in expected)
     assert (merged / "loss.csv").read_text() == (uninterrupted / "loss.csv").read_text()
+
+
+def test_trials_draw_independent_noise(tiny_model, subset, tmp_path):
+    """The same images under another trial seed train with other draws, hence other vectors."""
+    other_trial = write_subset(tmp_path / "data", {name: 2 for name in CLASSES}, trial_seed=1)
+    config = make_config(tiny_model, steps=2)
+    inv.invert_tokens(config, subset, tmp_path / "trial0", ["zero"])
+    inv.invert_tokens(config, other_trial, tmp_path / "trial1", ["zero"])
+    _, first = load_token_file(tmp_path / "trial0")
+    _, second = load_token_file(tmp_path / "trial1")
+    assert first.keys() == second.keys()
+    assert not any(torch.equal(first[t], second[t]) for t in first)
 
 
 def test_merge_refuses_mixed_settings_and_repeated_classes(tiny_model, subset, tmp_path):
