@@ -5,7 +5,10 @@
   pixels: every draw decoded-once uint8 -> RandAugment -> backbone -> head, per step, through the
           same plan dataset and DataLoader that training uses.
 
-Usage: python benchmarks/bench_train.py [--image-size 96] [--batch-size 32] [--threads N] [--workers W]
+Usage: python benchmarks/bench_train.py [--backbone NAME] [--weights imagenet|none] [--image-size 96]
+       [--batch-size 32] [--threads N] [--workers W]
+(Speed does not depend on the weights: `--weights none` measures a backbone whose weights are not
+downloaded yet, e.g. `--backbone vit_b_16 --weights none --image-size 224`.)
 Prints one Markdown table for BENCHMARKS.md.
 """
 
@@ -37,6 +40,7 @@ def timed(function, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--weights", default="imagenet", choices=["imagenet", "none"])
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=20)
@@ -52,7 +56,7 @@ def main() -> None:
     options = validate_config({"train": {"image_size": args.image_size}})["train"]
     batch = args.batch_size
 
-    model = Classifier(build_backbone(args.backbone, "imagenet"), args.classes, frozen=True).to(device)
+    model = Classifier(build_backbone(args.backbone, args.weights, args.image_size), args.classes, frozen=True).to(device)
     plan = draw_plan(args.pool, np.full(args.pool, 0), (args.head_steps + 1) * batch, 0.0, True,
                      np.random.default_rng(0), np.random.default_rng(1))
     labels = torch.randint(0, args.classes, (args.pool,))

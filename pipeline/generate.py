@@ -1,24 +1,38 @@
-"""The `generate` stage: SDEdit synthetic images of a few-shot subset into Parquet shards.
+"""The `generate` stage: synthetic images of a few-shot subset into Parquet shards.
 
 DA-Fusion (Trabucco et al., section 4.1 eq. 5) noises a real image to timestep t0 and denoises it
 towards a prompt naming the class with its learned token; section 4.2 draws t0 per synthetic image
-uniformly from {1/k, ..., k/k}. The methods (`METHODS`) differ only in prompt and strength rule.
+uniformly from {1/k, ..., k/k}. The methods (`METHODS`, one entry each) differ in prompt, strength
+rule, starting point and re-generated region:
+
+* SDEdit of the whole image: `dafusion`, `real-guidance`, `class-agnostic`;
+* `txt2img`: plain text-to-image (the vanilla Stable Diffusion synthetic set), no source image:
+  pure noise over the whole schedule, a class-name template from `generate.txt2img_templates`
+  drawn per image; strength null, images at the model's resolution. It still makes
+  `num_per_image` images per real image, whose `image_id` they carry, so that counts match and the
+  train stage can swap a real image for one of its synthetic versions;
+* `inpaint-fg` / `inpaint-bg` (DA-Fusion eq. 7, object-centric): dafusion's prompt and strength,
+  but only the labelled object (the subset's `mask_path`, grown by `generate.mask_dilation` px) or
+  only the rest is re-generated, by blended-latent inpainting (any SD checkpoint); the kept pixels
+  are pasted back from the source, so they are exact.
 
 Work plan. Every source image (sorted by image_id) gets `num_per_image` synthetic copies j. Copy
-(image_id, j) owns the seed derive_seed(seed, "generate", method, image_id, j): its strength draw
-and its noise come from it alone. Copies are grouped by strength (strength fixes the denoising
+(image_id, j) owns the seed derive_seed(seed, "generate", method, image_id, j): its strength and
+template draws and its noise come from it alone (inpainting re-noises the kept part with that
+same start noise at every step). Copies are grouped by strength (strength fixes the denoising
 steps), chunked into batches of `batch_size` over the whole subset, and batch b goes to shard
 b % num_shards. Batches are therefore the same whatever the shard count, and the union of the
 shards is byte for byte the 1-shard result. Changing `batch_size` keeps every seed, strength and
 prompt, but the pixels may move by a level or two: batched kernels (CPU and GPU alike) sum in
 batch-size-dependent orders.
 
-Each row reproduces with stock diffusers:
+Each SDEdit row reproduces with stock diffusers:
 `StableDiffusionImg2ImgPipeline(image=source.resize((R, R)), prompt=prompt, strength=strength,
 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
 generator=torch.Generator().manual_seed(seed))`, resized back to the source's size (as DA-Fusion
 does). `num_inference_steps` is the length of the schedule; img2img runs
-min(int(num_inference_steps * strength), num_inference_steps) of its steps.
+min(int(num_inference_steps * strength), num_inference_steps) of its steps. Each txt2img row
+reproduces with `StableDiffusionPipeline(prompt, height=R, width=R, ...)` and the same generator.
 
 Resume. Finished batches are flushed every `flush_every` batches as Parquet files in a folder
 beside the output (`<out>.partial/`, with the run's provenance in run.json). A restarted job with
@@ -35,9 +49,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
+from scipy.ndimage import distance_transform_edt
 
 from pipeline import PipelineError, __version__, sdedit
 from pipeline.device import resolve_device, resolve_dtype
@@ -53,11 +69,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Method:
-    """How a method prompts and picks its SDEdit strength."""
+    """What a method starts from, how it prompts, and which part of the source it re-generates."""
 
-    template: str  # "{}" is filled with `fill`
+    template: str | None  # "{}" is filled with `fill`; None: one of generate.txt2img_templates per image
     fill: str | None  # "token" (learned class token), "class_name", or None (no class in the prompt)
     fixed_strength: float | None  # None: generate.strength if set, else drawn from {1/k, ..., k/k}
+    from_source: bool = True  # False: text-to-image from pure noise, no strength
+    region: str | None = None  # "object" or "background": re-generate only that part of the source
 
     @property
     def needs_tokens(self) -> bool:
@@ -69,12 +87,17 @@ METHODS = {
     # Real Guidance (He et al. 2022): the class name in the prompt, t0 = 0.5.
     "real-guidance": Method("a photo of a {}", "class_name", 0.5),
     "class-agnostic": Method("a photo", None, None),
+    # Vanilla Stable Diffusion synthetic data: the class name in a template, no real image.
+    "txt2img": Method(None, "class_name", None, from_source=False),
+    # DA-Fusion eq. 7 (object-centric): only the labelled object, or only its background, changes.
+    "inpaint-fg": Method("a photo of a {}", "token", None, region="object"),
+    "inpaint-bg": Method("a photo of a {}", "token", None, region="background"),
 }
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One synthetic image to make: copy j of source image `image_id`."""
+    """One synthetic image to make: copy j of source image `image_id` (txt2img: the j-th stand-in for it)."""
 
     synthetic_id: str
     image_id: str
@@ -82,8 +105,15 @@ class WorkItem:
     label: int
     class_name: str
     path: str
-    strength: float
+    mask_path: str | None
+    template: str
+    strength: float | None  # None: text-to-image
     seed: int
+
+    @property
+    def prompt_key(self) -> tuple[str, str]:
+        """What its prompt is made of: (template, class name)."""
+        return self.template, self.class_name
 
 
 def fixed_strength(config: dict, method_name: str) -> float | None:
@@ -92,13 +122,25 @@ def fixed_strength(config: dict, method_name: str) -> float | None:
     return method.fixed_strength if method.fixed_strength is not None else config["generate"]["strength"]
 
 
-def strength_for(config: dict, method_name: str, image_id: str, j: int) -> float:
+def strength_for(config: dict, method_name: str, image_id: str, j: int) -> float | None:
+    if not METHODS[method_name].from_source:
+        return None
     fixed = fixed_strength(config, method_name)
     if fixed is not None:
         return float(fixed)
     k = config["generate"]["num_intensities"]
     draw = numpy_rng(config["seed"], "generate", method_name, image_id, j, "strength").integers(k)
     return (int(draw) + 1) / k
+
+
+def template_for(config: dict, method_name: str, image_id: str, j: int) -> str:
+    """The method's prompt template; text-to-image draws one of generate.txt2img_templates per image."""
+    method = METHODS[method_name]
+    if method.template is not None:
+        return method.template
+    templates = config["generate"]["txt2img_templates"]
+    draw = numpy_rng(config["seed"], "generate", method_name, image_id, j, "template").integers(len(templates))
+    return templates[int(draw)]
 
 
 def plan_items(config: dict, method_name: str, rows: list[dict]) -> list[WorkItem]:
@@ -114,6 +156,8 @@ def plan_items(config: dict, method_name: str, rows: list[dict]) -> list[WorkIte
                     label=row["label"],
                     class_name=row["class_name"],
                     path=row["path"],
+                    mask_path=row["mask_path"],
+                    template=template_for(config, method_name, row["image_id"], j),
                     strength=strength_for(config, method_name, row["image_id"], j),
                     seed=derive_seed(config["seed"], "generate", method_name, row["image_id"], j),
                 )
@@ -122,9 +166,12 @@ def plan_items(config: dict, method_name: str, rows: list[dict]) -> list[WorkIte
 
 
 def plan_batches(items: list[WorkItem], batch_size: int) -> list[list[WorkItem]]:
-    """Items grouped by strength (ascending), each group chunked into batches in (image_id, j) order."""
+    """Items grouped by strength (ascending), each group chunked into batches in (image_id, j) order.
+
+    A method's items either all have a strength or none do (text-to-image): one group then.
+    """
     batches = []
-    for strength in sorted({item.strength for item in items}):
+    for strength in sorted({item.strength for item in items}, key=lambda s: -1.0 if s is None else s):
         group = [item for item in items if item.strength == strength]
         batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
     return batches
@@ -141,6 +188,17 @@ def _read_subset(subset_path: Path) -> list[dict]:
     return rows
 
 
+def _check_masks(subset_path: Path, method_name: str, rows: list[dict]) -> None:
+    region = METHODS[method_name].region
+    missing = sorted(row["image_id"] for row in rows if row["mask_path"] is None)
+    if region is not None and missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise PipelineError(
+            f"subset {subset_path}: method {method_name!r} re-generates only the {region} and needs each image's "
+            f"mask. Got mask_path null for image {missing[0]!r}{more}."
+        )
+
+
 def _check_arguments(config: dict, method_name: str, tokens_dir: Path | None, shard: int, num_shards: int) -> None:
     if method_name not in METHODS:
         raise PipelineError(f"unknown generation method {method_name!r}. Expected one of {sorted(METHODS)}.")
@@ -148,6 +206,13 @@ def _check_arguments(config: dict, method_name: str, tokens_dir: Path | None, sh
         raise PipelineError(f"method {method_name!r} prompts with learned class tokens. Expected a tokens folder, got none.")
     if not 0 <= shard < num_shards:
         raise PipelineError(f"shard {shard} of {num_shards}: expected 0 <= shard < num_shards.")
+    if not METHODS[method_name].from_source:
+        for i, template in enumerate(config["generate"]["txt2img_templates"]):
+            if "{}" not in template:
+                raise PipelineError(
+                    f"generate.txt2img_templates[{i}] {template!r} has no '{{}}'. Expected a place for the class name."
+                )
+        return
     steps = config["generate"]["num_inference_steps"]
     k = config["generate"]["num_intensities"]
     fixed = fixed_strength(config, method_name)
@@ -202,53 +267,106 @@ def _load_partial(partial_dir: Path, provenance: dict) -> list[pa.Table]:
     return []
 
 
-def _prompt(method: Method, class_name: str, class_tokens: dict[str, str]) -> str:
+def _prompt(method: Method, template: str, class_name: str, class_tokens: dict[str, str]) -> str:
     if method.fill == "token":
-        return method.template.format(class_tokens[class_name])
+        return template.format(class_tokens[class_name])
     if method.fill == "class_name":
-        return method.template.format(class_name)
-    return method.template
+        return template.format(class_name)
+    return template
+
+
+def object_region(mask_path: str, image_id: str, size: tuple[int, int], dilation: int) -> np.ndarray:
+    """Boolean [H,W] map of image `image_id`'s labelled object (non-zero mask pixels) grown by `dilation` px.
+
+    The margin lets inpainting re-draw the object's outline too (masks are rarely pixel-exact), and for
+    the background mode keeps a rim of context around the object.
+    """
+    mask = open_image(mask_path)
+    if mask.size != size:
+        raise PipelineError(
+            f"mask {mask_path} of image {image_id!r} is {mask.size[0]}x{mask.size[1]}. "
+            f"Expected the image's size {size[0]}x{size[1]}."
+        )
+    obj = np.asarray(mask).any(axis=2)
+    if not obj.any():
+        raise PipelineError(
+            f"mask {mask_path} of image {image_id!r} marks no object pixel. Expected some non-zero pixels."
+        )
+    return distance_transform_edt(~obj) <= dilation
 
 
 class _Sources:
-    """VAE latent distributions of source images, encoded once each on first use."""
+    """Source images' sizes, VAE latent distributions and re-generated regions, made once each on first use."""
 
-    def __init__(self, pipe, resolution: int):
-        self.pipe, self.resolution = pipe, resolution
-        self.latents: dict[str, object] = {}
+    def __init__(self, pipe, resolution: int, method: Method, mask_dilation: int):
+        self.pipe, self.resolution, self.method, self.mask_dilation = pipe, resolution, method, mask_dilation
         self.sizes: dict[str, tuple[int, int]] = {}
+        self.images: dict[str, Image.Image] = {}  # only for inpainting, which pastes the source back
+        self.latents: dict[str, object] = {}
+        self.regions: dict[str, np.ndarray] = {}
 
-    def get(self, item: WorkItem):
+    def image(self, item: WorkItem) -> Image.Image:
+        if item.image_id in self.images:
+            return self.images[item.image_id]
+        image = open_image(item.path)
+        self.sizes[item.image_id] = image.size
+        if self.method.region is not None:
+            self.images[item.image_id] = image
+        return image
+
+    def latent_dist(self, item: WorkItem):
         if item.image_id not in self.latents:
-            image = open_image(item.path)
-            self.sizes[item.image_id] = image.size
-            self.latents[item.image_id] = sdedit.encode_source(self.pipe, image, self.resolution)
+            self.latents[item.image_id] = sdedit.encode_source(self.pipe, self.image(item), self.resolution)
         return self.latents[item.image_id]
 
+    def region(self, item: WorkItem) -> np.ndarray:
+        """Boolean [H,W] map of the part of the source the method re-generates."""
+        if item.image_id not in self.regions:
+            obj = object_region(item.mask_path, item.image_id, self.image(item).size, self.mask_dilation)
+            self.regions[item.image_id] = obj if self.method.region == "object" else ~obj
+        return self.regions[item.image_id]
 
-def _run_batch(pipe, batch, sources, prompt_embeds, negative_embeds, generate: dict) -> list[Image.Image]:
-    starts = [sdedit.start_latents(pipe, sources.get(item), torch.Generator().manual_seed(item.seed)) for item in batch]
+    def keep_latents(self, item: WorkItem, latent_shape: tuple[int, int]) -> torch.Tensor:
+        """[1,1,h,w] latent mask, 1 where the source is kept; a latent cell touching the region is re-generated."""
+        region = torch.from_numpy(self.region(item)).to(self.pipe.device, self.pipe.unet.dtype)
+        return 1 - torch.nn.functional.adaptive_max_pool2d(region[None, None], latent_shape)
+
+
+def _run_batch(pipe, method, batch, sources, prompt_embeds, negative_embeds, config) -> list[Image.Image]:
+    """The batch's images: at the model's resolution for text-to-image, else at each source's size."""
+    generate = config["generate"]
+    steps, guidance_scale = generate["num_inference_steps"], generate["guidance_scale"]
+    generators = [torch.Generator().manual_seed(item.seed) for item in batch]
+    conditions = torch.cat([prompt_embeds[item.prompt_key] for item in batch])
+    if not method.from_source:
+        resolution = config["model"]["resolution"]
+        noise = torch.cat([sdedit.txt2img_noise(pipe, resolution, generator) for generator in generators])
+        return sdedit.txt2img(pipe, noise, conditions, negative_embeds, steps, guidance_scale)
+
+    starts = [sdedit.start_latents(pipe, sources.latent_dist(item), g) for item, g in zip(batch, generators)]
     clean = torch.cat([clean for clean, _ in starts])
     noise = torch.cat([noise for _, noise in starts])
-    conditions = torch.cat([prompt_embeds[item.class_name] for item in batch])
-    return sdedit.sdedit(
-        pipe,
-        clean,
-        noise,
-        conditions,
-        negative_embeds,
-        batch[0].strength,
-        generate["num_inference_steps"],
-        generate["guidance_scale"],
-    )
-
-
-def _rows(batch, images, sources, prompts, method_name, config) -> list[dict]:
-    rows = []
+    keep = None
+    if method.region is not None:
+        keep = torch.cat([sources.keep_latents(item, clean.shape[2:]) for item in batch])
+    strength = batch[0].strength
+    images = sdedit.sdedit(pipe, clean, noise, conditions, negative_embeds, strength, steps, guidance_scale, keep=keep)
+    outputs = []
     for item, image in zip(batch, images):
         size = sources.sizes[item.image_id]
         if image.size != size:
             image = image.resize(size, Image.BILINEAR)
+        if method.region is not None:
+            # The latents only approximate the kept part (VAE round trip): paste the exact source back.
+            region = Image.fromarray(sources.region(item).astype(np.uint8) * 255)
+            image = Image.composite(image, sources.image(item), region)
+        outputs.append(image)
+    return outputs
+
+
+def _rows(batch, images, prompts, method_name, config) -> list[dict]:
+    rows = []
+    for item, image in zip(batch, images):
         rows.append(
             {
                 "synthetic_id": item.synthetic_id,
@@ -258,13 +376,13 @@ def _rows(batch, images, sources, prompts, method_name, config) -> list[dict]:
                 "method": method_name,
                 "strength": item.strength,
                 "seed": item.seed,
-                "prompt": prompts[item.class_name],
+                "prompt": prompts[item.prompt_key],
                 "guidance_scale": config["generate"]["guidance_scale"],
                 "num_inference_steps": config["generate"]["num_inference_steps"],
                 "model": config["model"]["id"],
                 "image": encode_png(image),
-                "width": size[0],
-                "height": size[1],
+                "width": image.size[0],
+                "height": image.size[1],
                 "nsfw": None,  # no safety checker runs
             }
         )
@@ -290,6 +408,7 @@ def generate_shard(
     _check_arguments(config, method, tokens_dir, shard, num_shards)
     generate = config["generate"]
     rows = _read_subset(subset_path)
+    _check_masks(subset_path, method, rows)
     items = plan_items(config, method, rows)
     batches = plan_batches(items, generate["batch_size"])[shard::num_shards]
 
@@ -314,7 +433,9 @@ def generate_shard(
     table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
     order = {item.synthetic_id: i for i, item in enumerate(items)}
     ids = table.column("synthetic_id").to_pylist()
-    table = table.take(sorted(range(table.num_rows), key=lambda i: order[ids[i]]))
+    # Typed indices: an empty Python list would be a null array, which `take` rejects (a shard
+    # with no batch, when there are fewer batches than shards).
+    table = table.take(pa.array(sorted(range(table.num_rows), key=lambda i: order[ids[i]]), type=pa.int64()))
     write_parquet(out_path, table, metadata=provenance)
     shutil.rmtree(partial_dir)
 
@@ -343,19 +464,20 @@ def _generate_batches(config, method_name, tokens_dir, batches, partial_dir, fir
     pipe = sdedit.load_img2img(config["model"], generate, device, dtype)
     class_names = sorted({item.class_name for batch in batches for item in batch})
     class_tokens = add_tokens_to_pipeline(pipe, tokens_dir, class_names) if method.needs_tokens else {}
-    prompts = {name: _prompt(method, name, class_tokens) for name in class_names}
-    sources = _Sources(pipe, config["model"]["resolution"])
+    keys = sorted({item.prompt_key for batch in batches for item in batch})
+    prompts = {key: _prompt(method, *key, class_tokens) for key in keys}
+    sources = _Sources(pipe, config["model"]["resolution"], method, generate["mask_dilation"])
 
     pending: list[dict] = []
     part = first_part
     generated = 0
     with torch.inference_mode():
-        prompt_embeds = {name: sdedit.encode_prompt(pipe, prompt) for name, prompt in prompts.items()}
+        prompt_embeds = {key: sdedit.encode_prompt(pipe, prompt) for key, prompt in prompts.items()}
         guided = sdedit.use_guidance(pipe, generate["guidance_scale"])
         negative_embeds = sdedit.encode_negative_prompt(pipe) if guided else None
         for count, batch in enumerate(progress(batches, len(batches), desc), 1):
-            images = _run_batch(pipe, batch, sources, prompt_embeds, negative_embeds, generate)
-            pending.extend(_rows(batch, images, sources, prompts, method_name, config))
+            images = _run_batch(pipe, method, batch, sources, prompt_embeds, negative_embeds, config)
+            pending.extend(_rows(batch, images, prompts, method_name, config))
             generated += len(batch)
             if count % generate["flush_every"] == 0 or count == len(batches):
                 write_parquet(partial_dir / f"part-{part:05d}.parquet", pa.Table.from_pylist(pending, schema=SHARD_SCHEMA))

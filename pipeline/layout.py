@@ -10,7 +10,7 @@ from itertools import product
 
 
 # Generation methods that prompt with the learned class tokens of the invert stage.
-TOKEN_METHODS = frozenset({"dafusion"})
+TOKEN_METHODS = frozenset({"dafusion", "inpaint-fg", "inpaint-bg"})
 
 
 def subset_name(k, trial_seed) -> str:

@@ -1,4 +1,5 @@
-"""Batched SDEdit (img2img) with Stable Diffusion, one seed per image, no hidden random state.
+"""Batched SDEdit (img2img), blended-latent inpainting and text-to-image with Stable Diffusion,
+one seed per image, no hidden random state.
 
 This is the sampling loop of diffusers' `StableDiffusionImg2ImgPipeline` (SDEdit, Meng et al. 2022;
 DA-Fusion eq. 5) taken apart so that a batch can mix source images, prompts and seeds while every
@@ -13,6 +14,10 @@ image keeps its own random stream:
 
 All images of a batch share one strength, since the strength decides where on the schedule
 denoising starts and hence how many steps run.
+
+The same loop serves two variants: `sdedit(..., keep=mask)` re-generates only part of each image
+(blended latent diffusion, Avrahami et al. 2023: any SD checkpoint, no inpainting UNet), and
+`txt2img` starts from pure noise over the whole schedule as `StableDiffusionPipeline` does.
 """
 
 from __future__ import annotations
@@ -129,11 +134,15 @@ def sdedit(
     strength: float,
     num_inference_steps: int,
     guidance_scale: float,
+    keep: torch.Tensor | None = None,
 ) -> list[Image.Image]:
     """Noise the clean latents [B,4,h,w] to the strength's timestep and denoise them; decode to images.
 
     `negative_embeds` is the unconditional embedding [1,77,dim], or None when guidance is off.
-    The caller holds torch.inference_mode.
+    `keep` [B,1,h,w] (1 = keep the source) turns SDEdit into blended-latent inpainting: after every
+    step the kept latents are replaced by the clean latents noised to the next timestep, with each
+    image's own start noise (as diffusers' inpainting pipeline does for a plain UNet), and by the
+    clean latents themselves after the last step. The caller holds torch.inference_mode.
     """
     scheduler = pipe.scheduler
     scheduler.set_timesteps(num_inference_steps, device=pipe.device)
@@ -143,10 +152,50 @@ def sdedit(
         scheduler.set_begin_index(start * scheduler.order)
     batch = clean.shape[0]
     latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
+    inpaint = (clean, noise, keep) if keep is not None else None
+    latents = _denoise(pipe, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, inpaint)
+    return decode(pipe, latents)
+
+
+def txt2img_noise(pipe, resolution: int, generator: torch.Generator) -> torch.Tensor:
+    """Start noise [1,4,R/8,R/8] of one text-to-image sample, drawn as StableDiffusionPipeline draws it."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    side = resolution // pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, side, side)
+    return randn_tensor(shape, generator=generator, device=pipe.device, dtype=pipe.unet.dtype)
+
+
+def txt2img(
+    pipe,
+    noise: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    num_inference_steps: int,
+    guidance_scale: float,
+) -> list[Image.Image]:
+    """Text-to-image from pure noise [B,4,h,w] over the whole schedule, as StableDiffusionPipeline samples.
+
+    The caller holds torch.inference_mode.
+    """
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_inference_steps, device=pipe.device)
+    latents = noise * scheduler.init_noise_sigma
+    latents = _denoise(pipe, latents, scheduler.timesteps, prompt_embeds, negative_embeds, guidance_scale, None)
+    return decode(pipe, latents)
+
+
+def _denoise(pipe, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, inpaint) -> torch.Tensor:
+    """Run the scheduler over `timesteps`.
+
+    `inpaint` = (clean, noise, keep) re-imposes the noised source on the kept latents after each step.
+    """
+    scheduler = pipe.scheduler
+    batch = latents.shape[0]
     if negative_embeds is not None:
         # One UNet call for both halves: [uncond x B, cond x B].
         prompt_embeds = torch.cat([negative_embeds.expand(batch, -1, -1), prompt_embeds])
-    for t in timesteps:
+    for index, t in enumerate(timesteps):
         model_input = torch.cat([latents] * 2) if negative_embeds is not None else latents
         model_input = scheduler.scale_model_input(model_input, t)
         noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
@@ -154,5 +203,15 @@ def sdedit(
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + guidance_scale * (cond - uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        if inpaint is not None:
+            clean, noise, keep = inpaint
+            upcoming = timesteps[index + 1 : index + 2]  # empty after the last step: the source itself
+            source = scheduler.add_noise(clean, noise, upcoming.repeat(batch)) if len(upcoming) else clean
+            latents = keep * source + (1 - keep) * latents
+    return latents
+
+
+def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE-decode scaled latents [B,4,h,w] to PIL images."""
     decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
     return pipe.image_processor.postprocess(decoded, output_type="pil")

