@@ -10,12 +10,7 @@ from pipeline.backbones import Classifier, build_backbone
 from pipeline.train import train_step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():

@@ -82,13 +82,7 @@ def tokens_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, spinning OpenMP threads make the tiny UNet ~4x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(model_dir: Path, **overrides) -> dict:

@@ -99,13 +99,7 @@ def make_config(**train) -> dict:
     return validate_config({"device": "cpu", "dataset": {"name": "demo"}, "generate": {"methods": ["dafusion", "real-guidance"]}, "train": options})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared CPU, a second thread only adds synchronisation waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
