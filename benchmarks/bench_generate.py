@@ -8,6 +8,11 @@ after the other in this process, on the same work items (same seeds and strength
 outputs are compared pixel by pixel.
 
     python benchmarks/bench_generate.py [--images 8] [--per-image 4] [--steps 20] [--batch-size 8]
+
+On a GPU, with a real checkpoint at its native resolution (the issue's GPU target):
+
+    python benchmarks/bench_generate.py --device cuda --model CompVis/stable-diffusion-v1-4 \
+        --resolution 512 --steps 50 --images 16 --per-image 4 --batch-size 16
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CLIPTextConfig
 
 from pipeline import sdedit
 from pipeline.config import validate_config
+from pipeline.device import resolve_dtype
 from pipeline.generate import METHODS, generate_shard, plan_items
 from pipeline.io import encode_png, write_parquet
 from pipeline.manifest import manifest_table, read_manifest, read_shards
@@ -33,8 +40,8 @@ from pipeline.tokens import add_tokens_to_pipeline, token_for_class, write_token
 CLASSES = ["cat", "dog", "bird", "boat"]
 
 
-def write_inputs(root: Path, num_images: int, resolution: int) -> tuple[Path, Path]:
-    """A subset of `num_images` random RGB images over CLASSES, and random one-vector tokens."""
+def write_inputs(root: Path, num_images: int, resolution: int, token_dim: int) -> tuple[Path, Path]:
+    """A subset of `num_images` random RGB images over CLASSES, and random one-vector tokens of `token_dim`."""
     rows = []
     for i in range(num_images):
         pixels = np.random.default_rng(i).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
@@ -47,29 +54,35 @@ def write_inputs(root: Path, num_images: int, resolution: int) -> tuple[Path, Pa
     tokens_dir.mkdir()
     class_tokens = {name: token_for_class(name) for name in CLASSES}
     generator = torch.Generator().manual_seed(0)
-    vectors = {token: torch.randn(1, 64, generator=generator) for token in class_tokens.values()}
+    vectors = {token: torch.randn(1, token_dim, generator=generator) for token in class_tokens.values()}
     write_token_files(tokens_dir, class_tokens, vectors, {"num_vectors": 1, "model": "tiny"})
     return subset, tokens_dir
 
 
 def reference(config: dict, subset: Path, tokens_dir: Path) -> dict[str, bytes]:
-    """One img2img pipeline call per synthetic image, as da-fusion does; {synthetic_id: PNG}."""
-    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    """One img2img pipeline call per synthetic image, as da-fusion does; {synthetic_id: PNG}.
+
+    Runs in the same batch-invariant kernel context as generate_shard, so the two outputs differ
+    only by how they call the model, not by which convolution algorithm oneDNN picked.
+    """
+    device = torch.device(config["device"])
+    pipe = sdedit.load_img2img(config["model"], config["generate"], device, resolve_dtype(config["model"]["dtype"], device))
     class_tokens = add_tokens_to_pipeline(pipe, tokens_dir, CLASSES)
     rows, _ = read_manifest(subset)
     resolution, generate = config["model"]["resolution"], config["generate"]
     out = {}
-    for item in plan_items(config, "dafusion", rows):
-        image = Image.open(item.path).convert("RGB")
-        canvas = pipe(
-            image=image.resize((resolution, resolution), Image.BILINEAR),
-            prompt=METHODS["dafusion"].template.format(class_tokens[item.class_name]),
-            strength=item.strength,
-            num_inference_steps=generate["num_inference_steps"],
-            guidance_scale=generate["guidance_scale"],
-            generator=torch.Generator().manual_seed(item.seed),
-        ).images[0]
-        out[item.synthetic_id] = encode_png(canvas.resize(image.size, Image.BILINEAR))
+    with sdedit.batch_invariant_kernels(device):
+        for item in plan_items(config, "dafusion", rows):
+            image = Image.open(item.path).convert("RGB")
+            canvas = pipe(
+                image=image.resize((resolution, resolution), Image.BILINEAR),
+                prompt=METHODS["dafusion"].template.format(class_tokens[item.class_name]),
+                strength=item.strength,
+                num_inference_steps=generate["num_inference_steps"],
+                guidance_scale=generate["guidance_scale"],
+                generator=torch.Generator(device).manual_seed(item.seed),
+            ).images[0]
+            out[item.synthetic_id] = encode_png(canvas.resize(image.size, Image.BILINEAR))
     return out
 
 
@@ -81,18 +94,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA), float32, float16, bfloat16")
+    parser.add_argument("--model", default=None, help="diffusers checkpoint (hub id or folder); default: a tiny random one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = build_tiny_sd(root / "tiny-sd", resolution=args.resolution, seed=0)
-        subset, tokens_dir = write_inputs(root, args.images, args.resolution)
+        model = args.model or str(build_tiny_sd(root / "tiny-sd", resolution=args.resolution, seed=0))
+        token_dim = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder").hidden_size
+        subset, tokens_dir = write_inputs(root, args.images, args.resolution, token_dim)
         config = validate_config(
             {
                 "seed": 0,
-                "device": "cpu",
-                "model": {"id": str(model), "resolution": args.resolution},
+                "device": args.device,
+                "model": {"id": model, "resolution": args.resolution, "dtype": args.dtype},
                 "generate": {"num_per_image": args.per_image, "num_inference_steps": args.steps, "batch_size": args.batch_size},
             }
         )
@@ -111,8 +128,9 @@ def main() -> None:
         return np.asarray(Image.open(io.BytesIO(png)), np.int16)
 
     largest_difference = max(np.abs(pixels(ours[k]) - pixels(theirs[k])).max() for k in ours)
-    print(f"{count} images ({args.images} sources x {args.per_image}), {args.resolution}px tiny SD, {args.steps} steps, "
-          f"guidance 7.5, CPU, {args.threads} thread(s)")  # fmt: skip
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} thread(s)"
+    print(f"{count} images ({args.images} sources x {args.per_image}), {args.resolution}px {args.model or 'tiny SD'}, "
+          f"{args.steps} steps, guidance 7.5, {where}, dtype {args.dtype}")  # fmt: skip
     print(f"reference (1 img2img call per image): {reference_s:7.2f} s  {count / reference_s:6.2f} images/s")
     print(f"ours (batch size {args.batch_size}):            {ours_s:7.2f} s  {count / ours_s:6.2f} images/s")
     print(f"speed-up: {reference_s / ours_s:.2f}x; largest pixel difference between the two: {largest_difference} levels")

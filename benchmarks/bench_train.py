@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from pipeline.augment import image_transform
 from pipeline.backbones import Classifier, build_backbone
 from pipeline.config import validate_config
-from pipeline.train import _PlanDataset, draw_plan, train_step
+from pipeline.train import _PlanDataset, draw_plan, draw_views, standard_angles, train_step
 
 
 def timed(function, repeat: int) -> float:
@@ -57,7 +57,9 @@ def main() -> None:
     batch = args.batch_size
 
     model = Classifier(build_backbone(args.backbone, args.weights, args.image_size), args.classes, frozen=True).to(device)
-    plan = draw_plan(args.pool, np.full(args.pool, 0), (args.head_steps + 1) * batch, 0.0, True,
+    draws = (args.head_steps + 1) * batch
+    angles = standard_angles(options)
+    plan = draw_plan(args.pool, np.full(args.pool, 0), draws, 0.0, draw_views(draws, True, len(angles), np.random.default_rng(2)),
                      np.random.default_rng(0), np.random.default_rng(1))
     labels = torch.randint(0, args.classes, (args.pool,))
     images = torch.randint(0, 256, (args.pool, 3, args.image_size, args.image_size), dtype=torch.uint8)
@@ -71,9 +73,9 @@ def main() -> None:
 
     embed_images_per_s = batch / timed(embed, repeat=3)
 
-    features = torch.randn(2, args.pool, model.backbone.feature_dim, device=device)
+    features = torch.randn(2 * len(angles), args.pool, model.backbone.feature_dim, device=device)
     pool_index = torch.from_numpy(plan.pool_index).to(device)
-    view = torch.from_numpy(plan.flip).long().to(device)
+    view = torch.from_numpy(plan.flip.astype(np.int64) * len(angles) + plan.angle_index).to(device)
     pool_labels = labels.to(device)
     head_optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-3)
     model.train()
@@ -87,7 +89,7 @@ def main() -> None:
 
     head_steps_per_s = 1 / timed(head_step, repeat=args.head_steps)
 
-    dataset = _PlanDataset(images, labels, plan, image_transform(["randaugment"], options))
+    dataset = _PlanDataset(images, labels, plan, angles, image_transform(["randaugment"], options))
     loader = DataLoader(dataset, batch_size=batch, num_workers=args.workers, generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
     pixel_optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-3)
@@ -104,7 +106,7 @@ def main() -> None:
     print()
     print("| measure | rate |")
     print("|---|---|")
-    print(f"| cached: embedding (one-time, per pool image and per mirror image) | {embed_images_per_s:.1f} images/s |")
+    print(f"| cached: embedding (one-time, per pool image and per standard view: 2 flips x angles) | {embed_images_per_s:.1f} images/s |")
     print(f"| cached: linear-head steps | {head_steps_per_s:.0f} steps/s ({head_steps_per_s * batch:.0f} draws/s) |")
     print(f"| pixels: RandAugment alone (per image, main process) | {augment_images_per_s:.0f} images/s |")
     print(f"| pixels: full step (RandAugment + backbone + head) | {pixel_images_per_s:.1f} images/s ({pixel_images_per_s / batch:.2f} steps/s) |")

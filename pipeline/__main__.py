@@ -32,6 +32,13 @@ def cmd_build_demo(args, config):
     build_demo_coco(args.out, config["dataset"]["demo"], config["seed"])
 
 
+def cmd_download(args, config):
+    from pipeline.download import download_dataset
+
+    dataset = config["dataset"]
+    download_dataset(dataset["name"], args.root or dataset["root"], timeout=args.timeout)
+
+
 def cmd_prepare(args, config):
     from pipeline.prepare import prepare_dataset
 
@@ -57,10 +64,28 @@ def cmd_invert(args, config):
     invert_tokens(config, args.subset, args.out, class_names=args.class_names)
 
 
+def cmd_merge_tokens(args, config):
+    from pipeline.invert import merge_tokens
+
+    merge_tokens(args.tokens, args.out)
+
+
+def cmd_token_samples(args, config):
+    from pipeline.token_samples import render_token_samples
+
+    render_token_samples(config, args.tokens, args.out)
+
+
 def cmd_generate(args, config):
     from pipeline.generate import generate_shard
 
     generate_shard(config, args.subset, args.tokens, args.method, args.shard, args.num_shards, args.out)
+
+
+def cmd_export(args, config):
+    from pipeline.generate import export_images
+
+    export_images(args.synthetic, args.out)
 
 
 def cmd_fid_features(args, config):
@@ -105,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("build-demo", cmd_build_demo, "Write the embedded demo dataset (MNIST scenes) in COCO format.")
     p.add_argument("--out", type=Path, required=True, help="dataset root to create")
 
+    p = stage("download", cmd_download, "Fetch the configured dataset (voc, coco, caltech101, flowers102) into its root, verified.")
+    p.add_argument("--root", type=Path, default=None, help="folder to download into (default: dataset.root)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait on the network before trying a mirror")
+
     p = stage("prepare", cmd_prepare, "Turn the configured dataset into manifest.parquet, classes.json, stats.json and masks/.")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--threads", type=int, default=1, help="worker processes for mask decoding")
@@ -120,13 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="tokens folder (learned_embeds.safetensors, tokens.json)")
     p.add_argument("--class", dest="class_names", action="append", help="only this class (repeatable)")
 
+    p = stage("merge-tokens", cmd_merge_tokens, "Combine tokens folders (one per class in invert.mode per_class) into one.")
+    p.add_argument("--tokens", type=Path, nargs="+", required=True, help="tokens folders, in class order")
+    p.add_argument("--out", type=Path, required=True, help="tokens folder to write")
+
+    p = stage("token-samples", cmd_token_samples, "Render a few text-to-image samples of every learned token into a grid.")
+    p.add_argument("--tokens", type=Path, required=True, help="tokens folder (invert or merge-tokens)")
+    p.add_argument("--out", type=Path, required=True, help="grid .png to write (its legend goes beside it as .json)")
+
     p = stage("generate", cmd_generate, "SDEdit synthetic images for one shard of a subset into a Parquet shard.")
     p.add_argument("--subset", type=Path, required=True)
     p.add_argument("--tokens", type=Path, default=None, help="tokens folder (methods that use learned tokens)")
-    p.add_argument("--method", required=True, help="dafusion, real-guidance, class-agnostic")
+    p.add_argument("--method", required=True, help="a generate.methods entry, e.g. dafusion, real-guidance, txt2img")
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="shard .parquet to write")
+
+    p = stage("export", cmd_export, "Write synthetic shards as plain <class>/<synthetic_id>.png folders with an images.csv index.")
+    p.add_argument("--synthetic", type=Path, nargs="+", required=True, help="synthetic shard .parquet files")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (e.g. <export_dir>/<method>/<subset>)")
 
     p = stage("fid-features", cmd_fid_features, "Inception features of a manifest's real images (computed once, reused).")
     p.add_argument("--manifest", type=Path, required=True)

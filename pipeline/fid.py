@@ -386,7 +386,10 @@ def compute_fid(
     classes = real["classes"]
     synthetic = _synthetic_features(config, [Path(p) for p in shard_paths], classes)
     if len(synthetic["features"]) < 2:
-        raise PipelineError(f"fid: the shards hold {len(synthetic['features'])} synthetic images; FID needs at least 2")
+        raise PipelineError(
+            f"fid: the shards hold {len(synthetic['features'])} synthetic images not flagged nsfw "
+            f"({synthetic['n_flagged']} flagged); FID needs at least 2"
+        )
 
     overall = _scores(config, real["features"], synthetic["features"], "all")
     per_class = {}
@@ -410,6 +413,7 @@ def compute_fid(
         "warning": _small_sample_warning(overall["n_real"], overall["n_synthetic"]),
         "per_class": per_class,
         "floor": floor,
+        "n_flagged": synthetic["n_flagged"],
     }
     write_json(out_path, result)
     log.info(
@@ -538,12 +542,17 @@ def _read_feature_file(path: Path, config: dict) -> dict:
 
 def _synthetic_features(config: dict, shard_paths: list[Path], classes: list[str]) -> dict:
     """Features of every image in the shards, one shard in memory at a time, rows sorted by
-    synthetic_id so the KID subsets do not depend on how the images were split into shards."""
+    synthetic_id so the KID subsets do not depend on how the images were split into shards.
+    Images the safety checker flagged (nsfw, stored black) are left out, as training leaves them out:
+    the score is of the images a classifier trains on; `n_flagged` counts them."""
     extractor = load_feature_extractor(config, resolve_device(config["device"]))
     class_index = {name: i for i, name in enumerate(classes)}
-    ids, class_names, methods, chunks = [], [], set(), []
+    ids, class_names, methods, chunks, flagged = [], [], set(), [], 0
     for number, path in enumerate(shard_paths, 1):
         rows = read_shards([path])
+        kept = [row for row in rows if not row["nsfw"]]
+        flagged += len(rows) - len(kept)
+        rows = kept
         for row in rows:
             if class_index.get(row["class_name"]) != row["label"]:
                 raise PipelineError(
@@ -570,4 +579,5 @@ def _synthetic_features(config: dict, shard_paths: list[Path], classes: list[str
         "features": features.astype(np.float64)[order],
         "class_names": np.array(class_names, dtype=str)[order],
         "methods": sorted(methods),
+        "n_flagged": flagged,
     }

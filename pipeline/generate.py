@@ -20,33 +20,47 @@ Work plan. Every source image (sorted by image_id) gets `num_per_image` syntheti
 (image_id, j) owns the seed derive_seed(seed, "generate", method, image_id, j): its strength and
 template draws and its noise come from it alone (inpainting re-noises the kept part with that
 same start noise at every step). Copies are grouped by strength (strength fixes the denoising
-steps), chunked into batches of `batch_size` over the whole subset, and batch b goes to shard
-b % num_shards. Batches are therefore the same whatever the shard count, and the union of the
-shards is byte for byte the 1-shard result. Changing `batch_size` keeps every seed, strength and
-prompt, but the pixels may move by a level or two: batched kernels (CPU and GPU alike) sum in
-batch-size-dependent orders.
+steps); the i-th copy of each group goes to shard i % num_shards (`shard_items`), and each shard
+batches its copies by strength, `batch_size` at a time (`generate.batch_size: auto` probes the
+GPU for the largest batch that fits). Neither choice changes a seed, a strength or a prompt, and
+on CPU not a pixel either (`sdedit.batch_invariant_kernels`): the union of the shards is byte for
+byte the 1-shard result at any batch size. GPU kernels sum in batch-size-dependent orders, so
+there a pixel may move by a level or two.
+
+Safety (`generate.safety_checker`, off by default). Stable Diffusion's NSFW checker judges every
+image; a flagged one is re-drawn with the seed derived from (seed, image_id, j, attempt), at most
+`generate.max_resamples` times (the reference implementation retries forever), and the row records
+the seed that made its image. Still flagged after the last re-draw, it is kept black with nsfw
+true (one row per copy; train leaves it out). The shard's metadata `resamples` maps each re-drawn
+synthetic_id to its number of re-draws. Without the checker nsfw is null.
 
 Each SDEdit row reproduces with stock diffusers:
 `StableDiffusionImg2ImgPipeline(image=source.resize((R, R)), prompt=prompt, strength=strength,
 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
 generator=torch.Generator().manual_seed(seed))`, resized back to the source's size (as DA-Fusion
-does). `num_inference_steps` is the length of the schedule; img2img runs
+does), on a pipeline from `sdedit.load_img2img` within `sdedit.batch_invariant_kernels`.
+`num_inference_steps` is the length of the schedule; img2img runs
 min(int(num_inference_steps * strength), num_inference_steps) of its steps. Each txt2img row
 reproduces with `StableDiffusionPipeline(prompt, height=R, width=R, ...)` and the same generator.
 
 Resume. Finished batches are flushed every `flush_every` batches as Parquet files in a folder
 beside the output (`<out>.partial/`, with the run's provenance in run.json). A restarted job with
-the same provenance skips what is there; at the end all rows are merged into `out_path`
-atomically and the folder removed. A crash never leaves a file at `out_path`.
+the same provenance skips the images that are there (whatever batch size made them); at the end
+all rows are merged into `out_path` atomically and the folder removed. A crash never leaves a
+file at `out_path`.
+
+Export (`export_images`): finished shards as plain `<class_name>/<synthetic_id>.png` folders.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +72,27 @@ from scipy.ndimage import distance_transform_edt
 from pipeline import PipelineError, __version__, sdedit
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.hashing import value_hash
-from pipeline.io import encode_png, open_image, read_json, read_parquet, write_json, write_parquet
-from pipeline.manifest import SHARD_SCHEMA, read_manifest
+from pipeline.io import (
+    atomic_path,
+    encode_png,
+    open_image,
+    read_json,
+    read_metadata,
+    read_parquet,
+    write_json,
+    write_parquet,
+)
+from pipeline.manifest import SHARD_SCHEMA, read_manifest, read_shards
 from pipeline.progress import progress
 from pipeline.rng import derive_seed, numpy_rng
 from pipeline.tokens import EMBEDDINGS_FILE, add_tokens_to_pipeline
 
 log = logging.getLogger(__name__)
+
+# generate.batch_size "auto": on a CPU, batching buys little (and costs memory at 512 px); on a GPU,
+# the probe's upper bound (images per batch; throughput has long stopped growing there).
+CPU_AUTO_BATCH_SIZE = 4
+AUTO_BATCH_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -175,6 +203,65 @@ def plan_batches(items: list[WorkItem], batch_size: int) -> list[list[WorkItem]]
         group = [item for item in items if item.strength == strength]
         batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
     return batches
+
+
+def shard_items(items: list[WorkItem], shard: int, num_shards: int) -> list[WorkItem]:
+    """Shard `shard`'s items: the i-th item of each strength group (in (image_id, j) order) goes to
+    shard i % num_shards.
+
+    The split depends on neither the batch size nor the machine (with `batch_size: auto` shards on
+    different GPUs batch differently), and every shard gets its share of each strength, which fixes
+    the number of denoising steps: the same work.
+    """
+    seen: dict[float | None, int] = {}
+    mine = []
+    for item in items:
+        position = seen.get(item.strength, 0)
+        seen[item.strength] = position + 1
+        if position % num_shards == shard:
+            mine.append(item)
+    return mine
+
+
+def largest_fitting_batch(fits, limit: int) -> int:
+    """The largest batch size b <= `limit` with fits(b), for a `fits` that holds up to some size.
+
+    Halves from `limit` until a size fits (each failure is one out-of-memory probe), then bisects
+    between that size and the last failure.
+    """
+    fitting, failing = limit, limit + 1
+    while not fits(fitting):
+        failing = fitting
+        fitting //= 2
+        if fitting == 0:
+            raise PipelineError("generate.batch_size auto: not even one image fits in memory. Expected a smaller "
+                                "model.resolution, model.dtype float16, or another device.")  # fmt: skip
+    while failing - fitting > 1:
+        middle = (fitting + failing) // 2
+        if fits(middle):
+            fitting = middle
+        else:
+            failing = middle
+    return fitting
+
+
+def resolve_batch_size(config: dict, pipe, device: torch.device) -> int:
+    """generate.batch_size, or with "auto" the largest batch whose denoising step fits the GPU
+    (up to AUTO_BATCH_LIMIT), and CPU_AUTO_BATCH_SIZE on a CPU."""
+    batch_size = config["generate"]["batch_size"]
+    if batch_size != "auto":
+        return batch_size
+    if device.type != "cuda":
+        return CPU_AUTO_BATCH_SIZE
+    resolution = config["model"]["resolution"]
+    guided = sdedit.use_guidance(pipe, config["generate"]["guidance_scale"])
+    start = time.perf_counter()
+    chosen = largest_fitting_batch(lambda b: sdedit.fits_in_memory(pipe, b, resolution, guided), AUTO_BATCH_LIMIT)
+    log.info(
+        "generate.batch_size auto: %d images per batch fit %s at %d px %s (probed in %.1fs)",
+        chosen, torch.cuda.get_device_name(device), resolution, pipe.unet.dtype, time.perf_counter() - start,
+    )  # fmt: skip
+    return chosen
 
 
 def _read_subset(subset_path: Path) -> list[dict]:
@@ -364,9 +451,50 @@ def _run_batch(pipe, method, batch, sources, prompt_embeds, negative_embeds, con
     return outputs
 
 
-def _rows(batch, images, prompts, method_name, config) -> list[dict]:
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a work item: the item as last drawn (its seed), its image and the safety verdict."""
+
+    item: WorkItem
+    image: Image.Image
+    nsfw: bool | None  # None: no safety checker ran
+    resamples: int  # re-draws after a flagged image
+
+
+def resample_seed(config: dict, method_name: str, item: WorkItem, attempt: int) -> int:
+    """Seed of re-draw `attempt` (1, 2, ...) of copy (image_id, j) after the safety checker flagged it."""
+    return derive_seed(config["seed"], "generate", method_name, item.image_id, item.j, "resample", attempt)
+
+
+def _checked(batch: list[WorkItem], make, checker, config: dict, method_name: str) -> list[Outcome]:
+    """Make `batch` with `make` and re-draw flagged images, at most generate.max_resamples times each.
+
+    A re-draw keeps the copy's strength and prompt and takes a new seed (`resample_seed`), which
+    the row records, so the stored image reproduces like any other. An image still flagged after
+    the last re-draw is kept as a black image with nsfw True (as diffusers blacks it out): the
+    shard keeps one row per copy, and the train stage leaves such rows out.
+    """
+    max_resamples = config["generate"]["max_resamples"]
+    outcomes: dict[str, Outcome] = {}
+    attempt, drawn = 0, batch
+    while drawn:
+        images = make(drawn)
+        redraw = []
+        for item, image, flagged in zip(drawn, images, checker.flags(images)):
+            if not flagged:
+                outcomes[item.synthetic_id] = Outcome(item, image, False, attempt)
+            elif attempt == max_resamples:
+                outcomes[item.synthetic_id] = Outcome(item, Image.new("RGB", image.size), True, attempt)
+            else:
+                redraw.append(replace(item, seed=resample_seed(config, method_name, item, attempt + 1)))
+        attempt, drawn = attempt + 1, redraw
+    return [outcomes[item.synthetic_id] for item in batch]
+
+
+def _rows(outcomes: list[Outcome], prompts, method_name, config) -> list[dict]:
     rows = []
-    for item, image in zip(batch, images):
+    for outcome in outcomes:
+        item, image = outcome.item, outcome.image
         rows.append(
             {
                 "synthetic_id": item.synthetic_id,
@@ -383,7 +511,7 @@ def _rows(batch, images, prompts, method_name, config) -> list[dict]:
                 "image": encode_png(image),
                 "width": image.size[0],
                 "height": image.size[1],
-                "nsfw": None,  # no safety checker runs
+                "nsfw": outcome.nsfw,
             }
         )
     return rows
@@ -401,7 +529,8 @@ def generate_shard(
     """SDEdit this shard's synthetic images of the subset with `method`; write them to `out_path`.
 
     `out_path` gets one row per synthetic image (pipeline.manifest.SHARD_SCHEMA, sorted by
-    image_id then j) and the run's provenance as key-value metadata. Returns a summary.
+    image_id then j) and as key-value metadata the run's provenance plus `resamples`
+    ({synthetic_id: safety re-draws}, only images re-drawn). Returns a summary.
     """
     subset_path, out_path = Path(subset_path), Path(out_path)
     tokens_dir = Path(tokens_dir) if tokens_dir is not None else None
@@ -410,7 +539,7 @@ def generate_shard(
     rows = _read_subset(subset_path)
     _check_masks(subset_path, method, rows)
     items = plan_items(config, method, rows)
-    batches = plan_batches(items, generate["batch_size"])[shard::num_shards]
+    mine = shard_items(items, shard, num_shards)
 
     device = resolve_device(config["device"])
     dtype = resolve_dtype(config["model"]["dtype"], device)
@@ -418,16 +547,18 @@ def generate_shard(
     partial_dir = _partial_dir(out_path)
     tables = _load_partial(partial_dir, provenance)
     done = {sid for table in tables for sid in table.column("synthetic_id").to_pylist()}
-    todo = [batch for batch in batches if not all(item.synthetic_id in done for item in batch)]
+    todo = [item for item in mine if item.synthetic_id not in done]
     if done:
-        log.info("resuming %s: %d images already flushed, %d batches to go", out_path, len(done), len(todo))
+        log.info("resuming %s: %d images already flushed, %d to go", out_path, len(done), len(todo))
 
     start = time.perf_counter()
     generated = 0
     if todo:
         desc = f"generate {method} shard {shard}/{num_shards}"
-        generated = _generate_batches(config, method, tokens_dir, todo, partial_dir, len(tables), device, dtype, desc)
-        tables = [read_parquet(part) for part in sorted(partial_dir.glob("part-*.parquet"))]
+        generated = _generate_items(config, method, tokens_dir, todo, partial_dir, len(tables), device, dtype, desc)
+    parts = sorted(partial_dir.glob("part-*.parquet"))
+    tables = [read_parquet(part) for part in parts]
+    resamples = {sid: n for part in parts for sid, n in read_metadata(part)["resamples"].items()}
     seconds = time.perf_counter() - start
 
     table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
@@ -436,7 +567,8 @@ def generate_shard(
     # Typed indices: an empty Python list would be a null array, which `take` rejects (a shard
     # with no batch, when there are fewer batches than shards).
     table = table.take(pa.array(sorted(range(table.num_rows), key=lambda i: order[ids[i]]), type=pa.int64()))
-    write_parquet(out_path, table, metadata=provenance)
+    # Images re-drawn because the safety checker flagged them: synthetic_id -> re-draws.
+    write_parquet(out_path, table, metadata={**provenance, "resamples": dict(sorted(resamples.items()))})
     shutil.rmtree(partial_dir)
 
     summary = {
@@ -446,6 +578,8 @@ def generate_shard(
         "num_shards": num_shards,
         "images": table.num_rows,
         "generated": generated,
+        "resampled": len(resamples),
+        "nsfw": sum(1 for flag in table.column("nsfw").to_pylist() if flag),
         "resumed": len(done),
         "seconds": round(seconds, 3),
         "images_per_s": round(generated / seconds, 3) if generated else 0.0,
@@ -457,29 +591,101 @@ def generate_shard(
     return summary
 
 
-def _generate_batches(config, method_name, tokens_dir, batches, partial_dir, first_part, device, dtype, desc) -> int:
-    """Run `batches`, flushing rows to numbered part files in `partial_dir`; return images made."""
+def _generate_items(config, method_name, tokens_dir, items, partial_dir, first_part, device, dtype, desc) -> int:
+    """Make `items` in batches, flushing rows to numbered part files in `partial_dir`; return images made."""
     generate = config["generate"]
     method = METHODS[method_name]
     pipe = sdedit.load_img2img(config["model"], generate, device, dtype)
-    class_names = sorted({item.class_name for batch in batches for item in batch})
+    checker = sdedit.SafetyChecker(config["model"]["id"], device, dtype) if generate["safety_checker"] else None
+    batches = plan_batches(items, resolve_batch_size(config, pipe, device))
+    class_names = sorted({item.class_name for item in items})
     class_tokens = add_tokens_to_pipeline(pipe, tokens_dir, class_names) if method.needs_tokens else {}
-    keys = sorted({item.prompt_key for batch in batches for item in batch})
+    keys = sorted({item.prompt_key for item in items})
     prompts = {key: _prompt(method, *key, class_tokens) for key in keys}
     sources = _Sources(pipe, config["model"]["resolution"], method, generate["mask_dilation"])
 
     pending: list[dict] = []
+    resamples: dict[str, int] = {}
     part = first_part
-    generated = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), sdedit.batch_invariant_kernels(device):
         prompt_embeds = {key: sdedit.encode_prompt(pipe, prompt) for key, prompt in prompts.items()}
         guided = sdedit.use_guidance(pipe, generate["guidance_scale"])
         negative_embeds = sdedit.encode_negative_prompt(pipe) if guided else None
+
+        def make(batch: list[WorkItem]) -> list[Image.Image]:
+            return _run_batch(pipe, method, batch, sources, prompt_embeds, negative_embeds, config)
+
         for count, batch in enumerate(progress(batches, len(batches), desc), 1):
-            images = _run_batch(pipe, method, batch, sources, prompt_embeds, negative_embeds, config)
-            pending.extend(_rows(batch, images, prompts, method_name, config))
-            generated += len(batch)
+            if checker is None:
+                outcomes = [Outcome(item, image, None, 0) for item, image in zip(batch, make(batch))]
+            else:
+                outcomes = _checked(batch, make, checker, config, method_name)
+            pending.extend(_rows(outcomes, prompts, method_name, config))
+            resamples.update((o.item.synthetic_id, o.resamples) for o in outcomes if o.resamples)
             if count % generate["flush_every"] == 0 or count == len(batches):
-                write_parquet(partial_dir / f"part-{part:05d}.parquet", pa.Table.from_pylist(pending, schema=SHARD_SCHEMA))
-                pending, part = [], part + 1
-    return generated
+                table = pa.Table.from_pylist(pending, schema=SHARD_SCHEMA)
+                write_parquet(partial_dir / f"part-{part:05d}.parquet", table, metadata={"resamples": resamples})
+                pending, resamples, part = [], {}, part + 1
+    return len(items)
+
+
+EXPORT_INDEX = "images.csv"
+EXPORT_COLUMNS = ("file", "synthetic_id", "image_id", "label", "class_name", "method", "strength", "seed", "prompt")
+
+
+def export_images(shard_paths: list[str | Path], out_dir: str | Path) -> dict:
+    """Write the shards' images as plain folders for other tools: `<out_dir>/<class_name>/<synthetic_id>.png`.
+
+    Images flagged nsfw (stored black) are left out. Each file is written atomically, and one that
+    already holds the same bytes is left alone, so a repeated export rewrites nothing; PNGs of
+    synthetic images no longer in the shards are removed, so the folder mirrors the shards.
+    `out_dir/images.csv` lists the exported files (relative paths) with their labels, written last:
+    its presence means the export is complete. Returns a summary.
+    """
+    shard_paths, out_dir = [Path(p) for p in shard_paths], Path(out_dir)
+    rows = sorted(read_shards(shard_paths), key=lambda row: row["synthetic_id"])
+    duplicates = sorted(i for i, n in Counter(row["synthetic_id"] for row in rows).items() if n > 1)
+    if duplicates:
+        raise PipelineError(
+            f"shards {[str(p) for p in shard_paths]}: synthetic_id values must be unique. "
+            f"Got duplicates {duplicates[:5]}"
+        )
+    for row in rows:
+        name = row["class_name"]
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise PipelineError(
+                f"synthetic image {row['synthetic_id']!r}: class_name {name!r} cannot name a folder. "
+                "Expected a non-empty name without '/' or '\\'."
+            )
+    kept = [row for row in rows if not row["nsfw"]]
+
+    (out_dir / EXPORT_INDEX).unlink(missing_ok=True)  # back when the export is complete
+    written = unchanged = 0
+    index = []
+    for row in progress(kept, len(kept), f"export {out_dir}"):
+        relative = Path(row["class_name"]) / f"{row['synthetic_id']}.png"
+        path = out_dir / relative
+        if path.is_file() and path.stat().st_size == len(row["image"]) and path.read_bytes() == row["image"]:
+            unchanged += 1
+        else:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(row["image"])
+            written += 1
+        index.append({"file": relative.as_posix(), **{key: row[key] for key in EXPORT_COLUMNS[1:]}})
+
+    exported = {out_dir / entry["file"] for entry in index}
+    stale = [path for path in out_dir.glob("*/*.png") if path not in exported]
+    for path in stale:
+        path.unlink()
+    with atomic_path(out_dir / EXPORT_INDEX) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=EXPORT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(index)
+
+    summary = {"out": str(out_dir), "images": len(index), "written": written, "unchanged": unchanged,
+               "removed": len(stale), "left_out_nsfw": len(rows) - len(kept)}  # fmt: skip
+    log.info(
+        "export %s: %d images (%d written, %d unchanged, %d stale removed, %d nsfw left out)",
+        out_dir, len(index), written, unchanged, len(stale), len(rows) - len(kept),
+    )  # fmt: skip
+    return summary

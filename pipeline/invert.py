@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import PipelineError
+from pipeline import PipelineError, layout
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.hashing import value_hash
 from pipeline.io import atomic_path, open_image, read_json
@@ -244,7 +244,8 @@ class _StepDraws:
 
 
 def _denoising_loss(components: Components, cache: LatentCache, prompt_ids: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Noise-prediction MSE of one batch (epsilon or v target, as the checkpoint's scheduler says)."""
+    """Noise-prediction MSE of each example of one batch, shape [batch] (epsilon or v target, as the
+    checkpoint's scheduler says); training minimises their mean."""
     device, scheduler = components.device, components.noise_scheduler
     draws = {name: value.to(device) for name, value in draws.items()}
     rows = draws["example"] + cache.count * draws["flipped"].long()
@@ -264,7 +265,7 @@ def _denoising_loss(components: Components, cache: LatentCache, prompt_ids: torc
     with autocast:
         hidden = components.text_encoder(input_ids)[0]
         prediction = components.unet(noisy.to(components.dtype), timesteps, hidden.to(components.dtype)).sample
-    return F.mse_loss(prediction.float(), target.float())
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
 
 
 def train_token_vectors(
@@ -277,8 +278,11 @@ def train_token_vectors(
     resolution: int,
     seed: int,
     checkpoint_path: Path | None = None,
-) -> tuple[torch.Tensor, list[float]]:
-    """Train the new vectors of the classes in `class_tokens` together; return (vectors, loss per step).
+) -> tuple[torch.Tensor, list[tuple[float, dict[str, float]]]]:
+    """Train the new vectors of the classes in `class_tokens` together; return (vectors, losses).
+
+    losses[i] is step i+1's (batch loss, {class: mean loss of its examples in the batch}): in a run
+    of several classes, each class's own curve shows whether its token learns.
 
     `initial` holds num_vectors rows per class in the order of `class_tokens`; their tokens are
     already in the tokenizer with ids first_new_id, first_new_id + 1, ...  With `checkpoint_path`,
@@ -303,10 +307,10 @@ def train_token_vectors(
             "classes": class_tokens,
             "images": {c: [str(p) for p in class_paths[c]] for c in classes},
             "initial": initial.tolist(),
-            "invert": {k: v for k, v in invert_config.items() if k not in ("checkpoint_every", "mode")},
+            "invert": {k: v for k, v in invert_config.items() if k not in ("checkpoint_every", "mode", "samples")},
         }
     )
-    losses: list[float] = []
+    losses: list[tuple[float, dict[str, float]]] = []
     start = 0
     if checkpoint_path is not None and checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=components.device, weights_only=True)
@@ -326,9 +330,17 @@ def train_token_vectors(
     prompt_ids = _prompt_ids(components, list(class_tokens.values()), invert_config["templates"], num_vectors)
     draws = _StepDraws(seed, tuple(classes), cache.count, len(invert_config["templates"]), batch_size, invert_config["flip"])
 
-    def save_checkpoint(step: int, pending: list[torch.Tensor]) -> None:
-        losses.extend(torch.stack(pending).tolist())
+    def flush(pending: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Losses of the pending steps to the host: one sync per checkpoint, not per step."""
+        for per_example, examples in pending:
+            per_example = per_example.float().cpu()
+            example_classes = cache.class_index.cpu()[examples.cpu()]
+            by_class = {classes[c]: float(per_example[example_classes == c].mean()) for c in example_classes.unique().tolist()}
+            losses.append((float(per_example.mean()), by_class))
         pending.clear()
+
+    def save_checkpoint(step: int, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        flush(pending)
         state = {
             "fingerprint": fingerprint,
             "step": step,
@@ -343,21 +355,22 @@ def train_token_vectors(
     checkpoint_every = invert_config["checkpoint_every"]
     latent_shape = tuple(cache.mean.shape[1:])
     num_train_timesteps = components.noise_scheduler.config.num_train_timesteps
-    pending: list[torch.Tensor] = []  # losses still on the device: no host sync every step
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (per-example losses still on the device, examples)
     label = classes[0] if len(classes) == 1 else f"{len(classes)} classes"
     with _new_token_rows(components.text_encoder, vectors, first_new_id):
         for step in progress(range(start, steps), total=steps - start, desc=f"invert {label}"):
-            loss = _denoising_loss(components, cache, prompt_ids, draws.draw(step, latent_shape, num_train_timesteps))
+            step_draws = draws.draw(step, latent_shape, num_train_timesteps)
+            per_example = _denoising_loss(components, cache, prompt_ids, step_draws)
+            loss = per_example.mean()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            pending.append(loss.detach())
+            pending.append((per_example.detach(), step_draws["example"]))
             done = step + 1
             if checkpoint_path is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
                 save_checkpoint(done, pending)
-    if pending:
-        losses.extend(torch.stack(pending).tolist())
+    flush(pending)
     return vectors.detach().cpu(), losses
 
 
@@ -447,9 +460,12 @@ def invert_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: l
         )
         for i, name in enumerate(run):
             vectors[class_tokens[name]] = run_vectors[i * num_vectors : (i + 1) * num_vectors]
-        label = run[0] if len(run) == 1 else "all"
-        loss_rows += [(step, label, loss) for step, loss in enumerate(losses, 1)]
-        final_loss[label] = float(np.mean(losses[-10:]))
+        label = run[0] if len(run) == 1 else layout.JOINT_LOSS_LABEL
+        for step, (batch_loss, by_class) in enumerate(losses, 1):
+            loss_rows.append((step, label, batch_loss))
+            if len(run) > 1:
+                loss_rows += [(step, name, value) for name, value in by_class.items()]
+        final_loss[label] = float(np.mean([batch_loss for batch_loss, _ in losses[-10:]]))
     seconds = time.perf_counter() - started
 
     metadata = {
@@ -487,8 +503,9 @@ def invert_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: l
 def merge_tokens(token_dirs: list[Path], out_dir: Path) -> dict:
     """Combine tokens folders (e.g. one per class from per_class mode) into one folder `out_dir`.
 
-    Every folder must come from the same model and settings (tokens.json metadata other than the
-    tokens themselves and the subset must agree) and no class may appear twice.
+    Every folder must come from the same subset, model and settings (tokens.json metadata other
+    than the tokens themselves must agree) and no class may appear twice. Given the per_class
+    folders of a subset in class order, the result equals that of one per_class run over all classes.
     """
     if not token_dirs:
         raise PipelineError("merge_tokens: no token folders given. Expected at least one.")
@@ -499,14 +516,14 @@ def merge_tokens(token_dirs: list[Path], out_dir: Path) -> dict:
     reference_meta, reference_dir = None, None
     for token_dir in map(Path, token_dirs):
         dir_classes, dir_vectors = load_token_file(token_dir)
-        meta = {k: v for k, v in read_json(token_dir / TOKENS_FILE).items() if k not in ("tokens", "dim", "subset")}
+        meta = {k: v for k, v in read_json(token_dir / TOKENS_FILE).items() if k not in ("tokens", "dim")}
         if reference_meta is None:
             reference_meta, reference_dir = meta, token_dir
         differing = sorted(k for k in set(meta) | set(reference_meta) if meta.get(k) != reference_meta.get(k))
         if differing:
             raise PipelineError(
                 f"{token_dir / TOKENS_FILE} differs from {reference_dir / TOKENS_FILE} in {differing}. "
-                "Expected tokens learned with the same model and settings."
+                "Expected tokens learned on the same subset with the same model and settings."
             )
         repeated = sorted(set(dir_classes) & set(class_tokens))
         if repeated:

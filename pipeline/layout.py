@@ -11,6 +11,9 @@ from itertools import product
 
 # Generation methods that prompt with the learned class tokens of the invert stage.
 TOKEN_METHODS = frozenset({"dafusion", "inpaint-fg", "inpaint-bg"})
+# The `class` of the batch-loss rows of a joint inversion run in a tokens folder's loss.csv (each
+# class's own rows sit beside them).
+JOINT_LOSS_LABEL = "all"
 
 
 def subset_name(k, trial_seed) -> str:
@@ -27,6 +30,11 @@ def subset(results: str, k, trial_seed) -> str:
 
 def tokens(results: str, k, trial_seed) -> str:
     return f"{results}/invert/{subset_name(k, trial_seed)}"
+
+
+def token_samples(results: str, k, trial_seed) -> str:
+    """The grid of text-to-image samples of a subset's tokens, one row per class; its legend is the .json beside it."""
+    return f"{results}/invert/samples/{subset_name(k, trial_seed)}.png"
 
 
 def shard(results: str, method, k, trial_seed, index, count) -> str:
@@ -65,8 +73,10 @@ def expected_outputs(config: dict) -> dict[str, list[str]]:
     pairs = subsets_in(config)
     num_shards = config["generate"]["num_shards"]
     methods = config["generate"]["methods"]
+    learns_tokens = bool(TOKEN_METHODS & set(methods))
     return {
-        "tokens": [tokens(results, k, s) for k, s in pairs] if TOKEN_METHODS & set(methods) else [],
+        "tokens": [tokens(results, k, s) for k, s in pairs] if learns_tokens else [],
+        "token_samples": [token_samples(results, k, s) for k, s in pairs] if learns_tokens else [],
         "metrics": [metrics(results, m, k, s) for m in config["train"]["methods"] for k, s in pairs],
         "fid": [fid(results, m, k, s) for m in methods for k, s in pairs],
         "shards": [p for m in methods for k, s in pairs for p in shards(results, m, k, s, num_shards)],

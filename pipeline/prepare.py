@@ -28,6 +28,7 @@ from pipeline import PipelineError
 from pipeline.datasets import BAD_INPUT, SOURCE_SPLITS, LabelContext, Labelled, Source, label_or_reject
 from pipeline.datasets.coco import read_coco
 from pipeline.datasets.folder import read_folder
+from pipeline.datasets.torchvision_sets import read_caltech101, read_flowers102
 from pipeline.datasets.voc import find_voc_root, read_voc
 from pipeline.io import atomic_path, write_json, write_parquet
 from pipeline.manifest import SPLITS, manifest_table
@@ -37,7 +38,14 @@ from pipeline.rng import derive_seed
 log = logging.getLogger(__name__)
 
 # The demo is written in COCO format by pipeline.demo and read exactly like COCO 2017.
-READERS = {"demo": read_coco, "coco": read_coco, "voc": read_voc, "folder": read_folder}
+READERS = {
+    "demo": read_coco,
+    "coco": read_coco,
+    "voc": read_voc,
+    "folder": read_folder,
+    "caltech101": read_caltech101,
+    "flowers102": read_flowers102,
+}
 
 
 def prepare_dataset(config: dict, out_dir: Path, threads: int = 1) -> dict:

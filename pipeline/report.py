@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import PipelineError, layout
+from pipeline.augment import parse_method
 from pipeline.io import atomic_path, decode_image, read_json
 from pipeline.manifest import read_manifest, read_shards
 
@@ -72,6 +73,51 @@ def aggregate(rows: list[dict], value: str = "accuracy") -> dict[tuple[str, int]
     return out
 
 
+def synthetic_quality(config: dict, train_methods: list[str]) -> dict[tuple[str, int], dict]:
+    """FID and KID of each training method's synthetic source by examples per class, averaged over
+    trial seeds: {(train method, k): {"synthetic_method", "fid", "kid", "n"}}; real-only methods are absent."""
+    results, generation = config["results"], set(config["generate"]["methods"])
+    quality = {}
+    for method in train_methods:
+        source, _ = parse_method(method, generation)
+        if source is None:
+            continue
+        by_k = defaultdict(list)
+        for k, seed in layout.subsets_in(config):
+            by_k[k].append(read_json(layout.fid(results, source, k, seed)))
+        for k, values in by_k.items():
+            fids = [v["fid"] for v in values if v.get("fid") is not None]
+            kids = [v["kid"] for v in values if v.get("kid") is not None]
+            quality[(method, k)] = {
+                "synthetic_method": source,
+                "fid": float(np.mean(fids)) if fids else None,
+                "kid": float(np.mean(kids)) if kids else None,
+                "n": len(values),
+            }
+    return quality
+
+
+def quality_table(agg: dict, quality: dict, methods: list[str], ks: list[int], baseline: str | None) -> str:
+    """One row per (method, k): accuracy beside the FID/KID of the synthetic images the method trained on."""
+    rows = []
+    for method in methods:
+        for k in ks:
+            entry = agg.get((method, k))
+            if entry is None:
+                continue
+            accuracy = f"{100 * entry['mean']:.1f}" + (f" ± {100 * entry['ci68']:.1f}" if not math.isnan(entry["ci68"]) else "")
+            base = agg.get((baseline, k)) if baseline and method != baseline else None
+            delta = f"{100 * (entry['mean'] - base['mean']):+.1f}" if base is not None else "–"
+            synthetic = quality.get((method, k))
+            rows.append([
+                f"<b>{html.escape(method)}</b>", str(k), accuracy, delta,
+                html.escape(synthetic["synthetic_method"]) if synthetic else "real only",
+                _fmt(synthetic["fid"], 2) if synthetic else "–",
+                _fmt(synthetic["kid"], 4) if synthetic else "–",
+            ])
+    return _table(["method", "k", "test accuracy (%)", "vs baseline", "synthetic images", "FID ↓", "KID ↓"], rows)
+
+
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -115,8 +161,9 @@ def accuracy_plot(agg: dict, methods: list[str], ks: list[int], title: str) -> s
 
 
 def inversion_loss_plot(loss_files: dict[str, Path]) -> str:
-    """Textual-inversion loss against step, one panel per subset, one line per run ("all" in joint
-    mode, else one per class), smoothed over a window so a trend shows through the noise."""
+    """Textual-inversion loss against step, one panel per subset, one line per class (and in joint
+    mode a bold one for the whole batch, "all"), smoothed over a tenth of each curve's points so a
+    trend shows through the noise."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +180,8 @@ def inversion_loss_plot(loss_files: dict[str, Path]) -> str:
             losses = np.array([v for _, v in points])
             window = max(1, len(losses) // 10)
             smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1 :], smooth, label=name, linewidth=1)
+            bold = name == layout.JOINT_LOSS_LABEL
+            ax.plot(steps[window - 1 :], smooth, label=name, linewidth=2 if bold else 0.8, color="black" if bold else None, zorder=3 if bold else 2)
         ax.set_title(subset, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -175,6 +223,28 @@ def image_grid(manifest_rows: dict[str, dict], shard_rows: list[dict], max_sourc
             canvas.paste(image, (c * thumb, y))
             strength = "txt2img" if version["strength"] is None else f"t0={version['strength']:.2f}"
             draw.text((c * thumb + 2, y + thumb), strength, fill="black")
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def token_samples_grid(grid_path: Path, thumb: int = 64) -> str:
+    """A subset's token sample grid (pipeline.token_samples) with each row labelled by its class,
+    tiles shrunk to `thumb` px, as a PNG data URI."""
+    from PIL import Image, ImageDraw
+
+    legend = read_json(Path(grid_path).with_suffix(".json"))
+    rows, columns = len(legend["rows"]), len(legend["column_seeds"])
+    tile, label_w = legend["tile_size"], 150
+    with Image.open(grid_path) as grid:
+        grid = grid.convert("RGB")
+    canvas = Image.new("RGB", (label_w + columns * thumb, rows * thumb), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(legend["rows"]):
+        for c in range(columns):
+            sample = grid.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)).resize((thumb, thumb))
+            canvas.paste(sample, (label_w + c * thumb, r * thumb))
+        draw.text((4, r * thumb + thumb // 2 - 6), f"{row['class_name']}"[:22], fill="black")
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -245,10 +315,14 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     manifest_rows, manifest_meta = read_manifest(layout.manifest(results))
     classes = manifest_meta["classes"]
 
+    quality = synthetic_quality(config, methods)
+
     write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS)
     by_method = [
         {"method": m, "examples_per_class": k, "n_trials": a["n"], "accuracy_mean": a["mean"], "accuracy_ci68": a["ci68"],
-         "mean_class_accuracy_mean": agg_mca.get((m, k), {}).get("mean")}
+         "mean_class_accuracy_mean": agg_mca.get((m, k), {}).get("mean"),
+         "synthetic_method": quality.get((m, k), {}).get("synthetic_method"),
+         "fid_mean": quality.get((m, k), {}).get("fid"), "kid_mean": quality.get((m, k), {}).get("kid")}
         for (m, k), a in sorted(agg.items())
     ]
     write_csv(out_dir / "summary_by_method.csv", by_method, list(by_method[0]) if by_method else ["method"])
@@ -272,6 +346,14 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
         "the number is on the held-out test split.</p>"
     )
     sections.append(accuracy_table(agg, methods, ks, baseline))
+    if quality:
+        sections.append("<h2>Accuracy beside the quality of the synthetic images</h2>")
+        sections.append(
+            '<p class="muted">FID and KID (lower is closer to the real training images) of the synthetic set each method '
+            "trained on, averaged over the same trial seeds as the accuracy. Sample sizes and the real-vs-real floor are "
+            "in the FID section below.</p>"
+        )
+        sections.append(quality_table(agg, quality, methods, ks, baseline))
     sections.append("<h2>Mean per-class accuracy (%)</h2>")
     sections.append(accuracy_table(agg_mca, methods, ks, baseline))
     sections.append(f'<img alt="accuracy vs examples per class" src="{accuracy_plot(agg, methods, ks, dataset)}">')
@@ -322,6 +404,19 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
             "A curve that does not fall means the token learned little about its class.</p>"
         )
         sections.append(f'<img alt="textual inversion loss" src="{inversion_loss_plot(loss_files)}">')
+        # The first trial's smallest and largest k: enough to see whether tokens learned, without
+        # embedding every subset's grid.
+        first_seed = config["dataset"]["trial_seeds"][0]
+        shown = sorted({(ks[0], first_seed), (ks[-1], first_seed)})
+        sections.append(
+            '<p class="muted">Text-to-image samples of each learned token ("a photo of a &lt;token&gt;", a few '
+            "solver steps); each column starts from the same noise in every row, so rows differ only by their token. "
+            "Rows that look alike, or like no object of the class, point to tokens that learned little.</p>"
+        )
+        for k, seed in shown:
+            uri = token_samples_grid(Path(layout.token_samples(results, k, seed)))
+            sections.append(f"<h3>Token samples, {html.escape(layout.subset_name(k, seed))}</h3>")
+            sections.append(f'<img alt="samples of the learned tokens, {html.escape(layout.subset_name(k, seed))}" src="{uri}">')
 
     by_id = {row["image_id"]: row for row in manifest_rows}
     k0, s0 = layout.subsets_in(config)[0]

@@ -10,7 +10,9 @@ image keeps its own random stream:
   latent sample and then the start noise (`start_latents`), so its randomness does not depend on
   which batch it lands in, and `StableDiffusionImg2ImgPipeline(..., generator=torch.Generator().
   manual_seed(seed))` on the same inputs draws the very same numbers;
-* one UNet call per step covers the whole batch, unconditional and conditional halves together.
+* one UNet call per step covers the whole batch, unconditional and conditional halves together;
+* on CPU a row's pixels do not depend on its batch either (`batch_invariant_kernels`): the same
+  image comes out at batch size 1 or 8, byte for byte.
 
 All images of a batch share one strength, since the strength decides where on the schedule
 denoising starts and hence how many steps run.
@@ -22,8 +24,10 @@ The same loop serves two variants: `sdedit(..., keep=mask)` re-generates only pa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -73,12 +77,107 @@ def load_img2img(model: dict, generate: dict, device: torch.device, dtype: torch
         )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.unet.time_proj.register_forward_pre_hook(_embed_shared_timestep_once)
+    # Decode one image at a time. The peak memory of a decode then stays that of one image, and a
+    # row's pixels do not depend on its batch: the VAE's attention hands GroupNorm a tensor whose
+    # layout (NCHW or channels-last, hence its summation order) changes with the batch size.
+    pipe.vae.enable_slicing()
     if generate["channels_last"]:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if generate["compile"]:
         pipe.unet.compile()
     return pipe
+
+
+def _embed_shared_timestep_once(time_proj, args):
+    """Forward pre-hook of the UNet's timestep projection: embed a batch's one timestep once.
+
+    The UNet expands a scalar timestep to the batch (a stride-0 view) and pushes it through small
+    [B, dim] matmuls (time embedding, each ResNet's projection). BLAS kernels choose their summation
+    order by matrix height, so a row's embedding would change in the last bit with B. Embedding one
+    row instead, which the ResNets broadcast over the batch, gives every batch size the same bits.
+    """
+    (timesteps,) = args
+    if timesteps.dim() == 1 and timesteps.shape[0] > 1 and timesteps.stride(0) == 0:
+        return (timesteps[:1],)
+    return None
+
+
+@contextlib.contextmanager
+def batch_invariant_kernels(device: torch.device):
+    """Within: on CPU, each image of a UNet or VAE batch gets the bits it would get alone.
+
+    oneDNN picks its convolution algorithm (and so its summation order) by tensor shape, batch
+    included, which moved pixels of the tiny test model by up to two levels between batch sizes.
+    PyTorch's own convolution (im2col and one matmul per image) does not depend on the batch, and
+    measured no slower on a 3-level UNet at 256 px. With `_embed_shared_timestep_once` and the
+    one-image VAE decode that `load_img2img` sets, batching is then invisible in the output. GPU
+    kernels keep their batch-dependent choices: there batching changes pixels by float rounding only.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None, fp32_precision=None):
+        yield
+
+
+class SafetyChecker:
+    """Stable Diffusion's NSFW classifier (CLIP image embedding against concept embeddings), loaded
+    from the `safety_checker` and `feature_extractor` folders a real SD 1.x checkpoint ships."""
+
+    def __init__(self, model_id: str, device: torch.device, dtype: torch.dtype):
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        self.device, self.dtype = device, dtype
+        self.model = self._load(StableDiffusionSafetyChecker, model_id, "safety_checker", dtype=dtype).to(device).eval()
+        self.processor = self._load(CLIPImageProcessor, model_id, "feature_extractor")
+
+    @staticmethod
+    def _load(cls, model_id: str, subfolder: str, **kwargs):
+        try:
+            return cls.from_pretrained(model_id, subfolder=subfolder, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(
+                f"generate.safety_checker is on, but model.id {model_id!r} has no loadable {subfolder!r} folder "
+                f"({exc}). Expected a checkpoint that ships the safety checker (as CompVis/stable-diffusion-v1-4 "
+                "does), or generate.safety_checker: false."
+            ) from None
+
+    def flags(self, images: list[Image.Image]) -> list[bool]:
+        """Per image: True when the checker sees NSFW content."""
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        # The checker blacks out flagged entries of `images` in place; only its verdicts are used here.
+        _, verdicts = self.model(clip_input=pixels, images=[np.asarray(image) for image in images])
+        return [bool(v) for v in verdicts]
+
+
+def fits_in_memory(pipe, batch_size: int, resolution: int, guided: bool, budget: float = 0.9) -> bool:
+    """Whether a denoising step of `batch_size` images and an image's decode run on the pipe's GPU
+    with a peak below `budget` of its memory (the rest is headroom for the sampler's state and for
+    allocator fragmentation)."""
+    device = pipe.device
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        _probe_step(pipe, 2 * batch_size if guided else batch_size, resolution // pipe.vae_scale_factor)
+        fits = torch.cuda.max_memory_allocated(device) <= budget * torch.cuda.get_device_properties(device).total_memory
+    except torch.cuda.OutOfMemoryError:
+        fits = False
+    torch.cuda.empty_cache()
+    return fits
+
+
+def _probe_step(pipe, rows: int, side: int) -> None:
+    """One UNet call on `rows` latents of side `side` and one latent's decode, on zeros."""
+    unet = pipe.unet
+    like = {"device": pipe.device, "dtype": unet.dtype}
+    with torch.inference_mode():
+        latents = torch.zeros(rows, unet.config.in_channels, side, side, **like)
+        text = torch.zeros(rows, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, **like)
+        unet(latents, pipe.scheduler.config.num_train_timesteps - 1, encoder_hidden_states=text)
+        pipe.vae.decode(latents[:1])
 
 
 def denoising_steps(num_inference_steps: int, strength: float) -> int:

@@ -2,7 +2,8 @@
 
 Training draws real images uniformly with replacement; synthetic images enter by replacing draws, in
 one of three ways, all fixed up front for the whole run as a `TrainingPlan` (which image, flipped or
-not, real or synthetic, the seed of its pixel augmentations), so both training paths below obey the
+not, rotated by which angle, real or synthetic, the seed of its pixel augmentations), so both training
+paths below obey the
 same plan and results do not depend on the number of data-loading workers:
   * train.mixing: probability (DA-Fusion, eq. 6-7): each draw is replaced, with probability
     alpha = train.synthetic_probability, by one of that image's synthetic versions, chosen uniformly.
@@ -22,14 +23,19 @@ without a synthetic part (baseline, randaugment, ...) trains on real images at o
 whatever these settings say: it is the real-only control of every mode, and its JSON says so
 (synthetic_probability or synthetic_proportion 0, two_phase null).
 
-Paired comparisons: the real-image draws, the flips and the initial weights come from generators
+The standard augmentation every method gets (DA-Fusion's): a horizontal flip with probability 1/2
+(train.flip) and a small rotation, drawn uniformly from train.rotation_angles evenly spaced angles in
+[-train.rotation_degrees, +train.rotation_degrees] (fill black). A finite set of angles, rather
+than a continuous one, is what lets the cached-feature path below embed every view once.
+
+Paired comparisons: the real-image draws, the flips, the rotations and the initial weights come from generators
 seeded by (seed, "train", trial_seed) only, so every method of a trial sees the same real images in
 the same order from the same starting point; the synthetic substitutions, the augmentation seeds and
 stochastic-depth / MixUp / CutMix draws come from generators seeded by (seed, "train", method, trial_seed).
 
 Two paths, one plan:
-  * cached features (recipe "paper" and no pixel-space augmentation beyond the flip): the frozen
-    backbone embeds every drawn training image and its mirror image once, then the linear head
+  * cached features (recipe "paper" and no pixel-space augmentation beyond the standard one): the
+    frozen backbone embeds every view (flip x angle) of every drawn training image once, then the linear head
     trains on those features, at hundreds of steps per second on one CPU core (benchmarks/bench_train.py).
   * pixels (RandAugment, AutoAugment, Cutout, MixUp, CutMix, or recipe "finetune"): each draw is
     augmented and goes through the backbone at every step.
@@ -49,7 +55,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +63,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2.functional import rotate
 
 from pipeline import PipelineError
 from pipeline.augment import batch_transform, image_transform, parse_method
@@ -105,6 +113,7 @@ class TrainingPlan:
 
     pool_index: np.ndarray  # int64: index into the image pool
     flip: np.ndarray  # bool: mirror the image horizontally
+    angle_index: np.ndarray  # int64: index into standard_angles(options) of the draw's rotation
     synthetic: np.ndarray  # bool: the draw was replaced by a synthetic version
     augment_seed: np.ndarray  # int64: seed of the draw's pixel augmentations
 
@@ -142,6 +151,7 @@ def train_classifier(
     if data.subset_meta.get("trial_seed", trial_seed) != trial_seed:
         raise PipelineError(f"{subset_path}: subset of trial seed {data.subset_meta['trial_seed']}, but trial seed {trial_seed} was asked for.")
 
+    options = with_schedule(options, len(data.real))
     device = resolve_device(config["device"])
     frozen = options["recipe"] == "paper"
     cached = frozen and augmentations == []
@@ -159,6 +169,7 @@ def train_classifier(
             options["steps"],
             options["batch_size"],
             options["flip"],
+            len(standard_angles(options)),
             shared_rng=numpy_rng(seed, "train", trial_seed, "draws"),
             method_rng=numpy_rng(seed, "train", method, trial_seed, "draws"),
         )
@@ -189,6 +200,7 @@ def train_classifier(
         "val_accuracy": fit.best_val_accuracy,
         "best_step": fit.best_step,
         "steps": options["steps"],
+        "epochs": options["epochs"],
         "n_train_real": len(data.real),
         "n_synthetic": len(data.synthetic),
         "mixing": mixing.mode,
@@ -216,6 +228,21 @@ def train_classifier(
     return result
 
 
+def with_schedule(options: dict, n_real: int) -> dict:
+    """train options with the `steps` and `eval_every` in effect: from train.epochs when it is set."""
+    if options["epochs"] is not None:
+        steps_per_epoch = math.ceil(n_real / options["batch_size"])
+        options = {**options, "steps": options["epochs"] * steps_per_epoch, "eval_every": steps_per_epoch}
+    two_phase = options["two_phase"]
+    if two_phase is not None and two_phase["synthetic_steps"] >= options["steps"]:
+        where = "train.steps" if options["epochs"] is None else f"train.epochs {options['epochs']} x {steps_per_epoch} steps per epoch"
+        raise PipelineError(
+            f"train.two_phase.synthetic_steps: got {two_phase['synthetic_steps']} with {options['steps']} steps "
+            f"({where}). Expected fewer, so that phase 2 trains on real images."
+        )
+    return options
+
+
 def resolve_mixing(options: dict, synthetic_method: str | None) -> Mixing:
     """The mixing of a run of a method with synthetic source `synthetic_method` (None: real only).
 
@@ -229,11 +256,6 @@ def resolve_mixing(options: dict, synthetic_method: str | None) -> Mixing:
                 f"train.two_phase: phase 1 draws only synthetic images and phase 2 only real ones, which leaves "
                 f"nothing for train.mixing to decide. Got train.mixing: {mode}. Expected train.mixing: probability "
                 "(the default) with train.two_phase, or train.two_phase: null."
-            )
-        if two_phase["synthetic_steps"] >= options["steps"]:
-            raise PipelineError(
-                f"train.two_phase.synthetic_steps: got {two_phase['synthetic_steps']} with train.steps "
-                f"{options['steps']}. Expected fewer than train.steps, so that phase 2 trains on real images."
             )
     if synthetic_method is None:
         return Mixing(mode, 0.0 if mode == "probability" else None, 0.0 if mode == "proportion" else None, None)
@@ -344,19 +366,21 @@ def training_plan(
     steps: int,
     batch_size: int,
     flip: bool,
+    num_angles: int,
     shared_rng: np.random.Generator,
     method_rng: np.random.Generator,
 ) -> TrainingPlan:
     """The draws of a run of `steps` steps of `batch_size` draws under `mixing`."""
     draws = steps * batch_size
+    views = draw_views(draws, flip, num_angles, shared_rng)
     if mixing.proportion is not None:
-        return draw_proportion_plan(real_labels, synthetic_counts, draws, mixing.proportion, flip, shared_rng, method_rng)
+        return draw_proportion_plan(real_labels, synthetic_counts, draws, mixing.proportion, views, shared_rng, method_rng)
     if mixing.two_phase is not None:
         phase_1_draws = mixing.two_phase["synthetic_steps"] * batch_size
         probability = (np.arange(draws) < phase_1_draws).astype(np.float64)
     else:
         probability = mixing.probability
-    return draw_plan(len(real_labels), synthetic_counts, draws, probability, flip, shared_rng, method_rng)
+    return draw_plan(len(real_labels), synthetic_counts, draws, probability, views, shared_rng, method_rng)
 
 
 def draw_plan(
@@ -364,23 +388,24 @@ def draw_plan(
     synthetic_counts: np.ndarray,
     draws: int,
     synthetic_probability: float | np.ndarray,
-    flip: bool,
+    views: tuple[np.ndarray, np.ndarray],
     shared_rng: np.random.Generator,
     method_rng: np.random.Generator,
 ) -> TrainingPlan:
     """Draw real images uniformly with replacement; replace each by a uniformly chosen synthetic
     version of it with probability `synthetic_probability` (images without versions stay real).
 
-    `synthetic_probability` is one number, or one per draw (two-phase runs: 1 in phase 1, then 0).
+    `synthetic_probability` is one number, or one per draw (two-phase runs: 1 in phase 1, then 0);
+    `views` the (flip, angle_index) of every draw, from `draw_views`.
     Pool layout: real images 0..n_real-1, then the synthetic versions of image i at
     n_real + sum(synthetic_counts[:i]) + j, j < synthetic_counts[i].
     """
     synthetic_counts = np.asarray(synthetic_counts, dtype=np.int64)
-    real_index, flips = _draw_real(n_real, draws, flip, shared_rng)
+    real_index = shared_rng.integers(n_real, size=draws)
     versions = synthetic_counts[real_index]
     replaced = (method_rng.random(draws) < synthetic_probability) & (versions > 0)
     version = np.floor(method_rng.random(draws) * versions).astype(np.int64)
-    return _plan(real_index, flips, np.where(replaced, version, -1), synthetic_counts, method_rng)
+    return _plan(real_index, views, np.where(replaced, version, -1), synthetic_counts, method_rng)
 
 
 def draw_proportion_plan(
@@ -388,7 +413,7 @@ def draw_proportion_plan(
     synthetic_counts: np.ndarray,
     draws: int,
     synthetic_proportion: float,
-    flip: bool,
+    views: tuple[np.ndarray, np.ndarray],
     shared_rng: np.random.Generator,
     method_rng: np.random.Generator,
 ) -> TrainingPlan:
@@ -396,8 +421,8 @@ def draw_proportion_plan(
     swaps are always replaced by their one synthetic version. Pool layout as in `draw_plan`."""
     synthetic_counts = np.asarray(synthetic_counts, dtype=np.int64)
     replacement = fixed_replacements(real_labels, synthetic_counts, synthetic_proportion, method_rng)
-    real_index, flips = _draw_real(len(real_labels), draws, flip, shared_rng)
-    return _plan(real_index, flips, replacement[real_index], synthetic_counts, method_rng)
+    real_index = shared_rng.integers(len(real_labels), size=draws)
+    return _plan(real_index, views, replacement[real_index], synthetic_counts, method_rng)
 
 
 def fixed_replacements(real_labels: np.ndarray, synthetic_counts: np.ndarray, proportion: float, rng: np.random.Generator) -> np.ndarray:
@@ -425,21 +450,30 @@ def fixed_replacements(real_labels: np.ndarray, synthetic_counts: np.ndarray, pr
     return replacement
 
 
-def _draw_real(n_real: int, draws: int, flip: bool, shared_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The real image of every draw and whether it is mirrored: the same for every method of a trial."""
-    real_index = shared_rng.integers(n_real, size=draws)
+def standard_angles(options: dict) -> list[float]:
+    """The rotation angles (degrees) of the standard augmentation; [0.0] when rotation is off."""
+    degrees, count = float(options["rotation_degrees"]), options["rotation_angles"]
+    if degrees == 0 or count == 1:
+        return [0.0]
+    return np.linspace(-degrees, degrees, count).tolist()
+
+
+def draw_views(draws: int, flip: bool, num_angles: int, shared_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Whether every draw is mirrored and the index of its rotation angle: the same for every method of a trial."""
     flips = shared_rng.random(draws) < 0.5 if flip else np.zeros(draws, dtype=bool)
-    return real_index, flips
+    angle_index = shared_rng.integers(num_angles, size=draws) if num_angles > 1 else np.zeros(draws, dtype=np.int64)
+    return flips, angle_index
 
 
-def _plan(real_index: np.ndarray, flips: np.ndarray, version: np.ndarray, synthetic_counts: np.ndarray, method_rng: np.random.Generator) -> TrainingPlan:
+def _plan(real_index: np.ndarray, views: tuple[np.ndarray, np.ndarray], version: np.ndarray, synthetic_counts: np.ndarray, method_rng: np.random.Generator) -> TrainingPlan:
     """The plan of draws of real images `real_index`, each replaced by its synthetic version `version` (-1: not)."""
     n_real = len(synthetic_counts)
     first_version = n_real + np.concatenate([[0], np.cumsum(synthetic_counts)[:-1]])
     replaced = version >= 0
     pool_index = np.where(replaced, first_version[real_index] + version, real_index)
     augment_seed = method_rng.integers(2**63 - 1, size=len(real_index), dtype=np.int64)
-    return TrainingPlan(pool_index, flips, replaced, augment_seed)
+    flips, angle_index = views
+    return TrainingPlan(pool_index, flips, angle_index, replaced, augment_seed)
 
 
 def drawn_pool(pool: list[dict], plan: TrainingPlan) -> tuple[list[dict], TrainingPlan]:
@@ -489,14 +523,24 @@ class _Loader:
 
 
 @torch.no_grad()
-def _embed(model: Classifier, loader: _Loader, rows: list[dict], desc: str, with_flips: bool) -> torch.Tensor:
-    """Backbone features [views, N, D]: view 0 the images, view 1 (with_flips) their mirror images."""
+def _embed(model: Classifier, loader: _Loader, rows: list[dict], desc: str, flips: bool = False, angles: Sequence[float] = (0.0,)) -> torch.Tensor:
+    """Backbone features [views, N, D] of the images as they are, or of every standard view of them:
+    view flip * len(angles) + a is the image, mirrored if flip, rotated by angles[a]."""
     chunks = []
     for batch in loader.batches(rows, desc):
-        images = loader.to_input(batch)
-        views = [images, images.flip(-1)] if with_flips else [images]
-        chunks.append(torch.stack([model.backbone(view) for view in views]))
+        mirrored = [False, True] if flips else [False]
+        views = [standard_view(batch, flip, angle) for flip in mirrored for angle in angles]
+        chunks.append(torch.stack([model.backbone(loader.to_input(view)) for view in views]))
     return torch.cat(chunks, dim=1)
+
+
+def standard_view(images: torch.Tensor, flip: bool, angle: float) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] mirrored (if `flip`), then rotated by `angle` degrees about the centre."""
+    if flip:
+        images = images.flip(-1)
+    if angle:
+        images = rotate(images, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
+    return images
 
 
 def _fit_cached_features(
@@ -510,12 +554,13 @@ def _fit_cached_features(
     desc: str,
 ) -> FitResult:
     """Recipe "paper" without pixel augmentations: embed once, then train the head on features."""
-    pool_features = _embed(model, loader, pool, "embed training images", with_flips=options["flip"])
+    angles = standard_angles(options)
+    pool_features = _embed(model, loader, pool, "embed training images", options["flip"], angles)
     pool_labels = _labels(pool).to(loader.device)
-    val_features = _embed(model, loader, val, "embed val images", with_flips=False)[0]
+    val_features = _embed(model, loader, val, "embed val images")[0]
     val_labels = _labels(val)
     pool_index = torch.from_numpy(plan.pool_index).to(loader.device)
-    view = torch.from_numpy(plan.flip).long().to(loader.device)
+    view = torch.from_numpy(plan.flip.astype(np.int64) * len(angles) + plan.angle_index).to(loader.device)
     batch_size = options["batch_size"]
 
     def batches():
@@ -531,12 +576,13 @@ def _fit_cached_features(
 
 
 class _PlanDataset(Dataset):
-    """Draw k of the plan: the pool image, mirrored if planned, augmented with the draw's own seed."""
+    """Draw k of the plan: the pool image in its planned standard view, augmented with the draw's own seed."""
 
-    def __init__(self, pool_images: torch.Tensor, pool_labels: torch.Tensor, plan: TrainingPlan, transform: Callable):
+    def __init__(self, pool_images: torch.Tensor, pool_labels: torch.Tensor, plan: TrainingPlan, angles: Sequence[float], transform: Callable):
         self.pool_images = pool_images
         self.pool_labels = pool_labels
         self.plan = plan
+        self.angles = angles
         self.transform = transform
 
     def __len__(self) -> int:
@@ -544,9 +590,7 @@ class _PlanDataset(Dataset):
 
     def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = int(self.plan.pool_index[draw])
-        image = self.pool_images[index]
-        if self.plan.flip[draw]:
-            image = image.flip(-1)
+        image = standard_view(self.pool_images[index], bool(self.plan.flip[draw]), self.angles[self.plan.angle_index[draw]])
         # torchvision transforms draw from torch's global generator: seed it per draw, and restore
         # it afterwards, so the draw's augmentation is the same in any worker or in the main process.
         with torch.random.fork_rng(devices=[]):
@@ -568,7 +612,7 @@ def _fit_pixels(
 ) -> FitResult:
     """Every draw augmented in pixel space and passed through the backbone at every step."""
     pool_images = loader.decode_all(pool, "decode training images")
-    dataset = _PlanDataset(pool_images, _labels(pool), plan, image_transform(augmentations, options))
+    dataset = _PlanDataset(pool_images, _labels(pool), plan, standard_angles(options), image_transform(augmentations, options))
     draws = DataLoader(dataset, batch_size=options["batch_size"], num_workers=options["num_workers"], pin_memory=loader.device.type == "cuda")
     mix = batch_transform(augmentations, model.head.out_features, options)
 
@@ -579,7 +623,7 @@ def _fit_pixels(
 
     if model.frozen:
         # The backbone never changes: embed val once and score the head alone.
-        val_inputs = _embed(model, loader, val, "embed val images", with_flips=False)[0]
+        val_inputs = _embed(model, loader, val, "embed val images")[0]
         score = model.head
         optimizer = torch.optim.Adam(model.head.parameters(), lr=options["learning_rate"])
     else:

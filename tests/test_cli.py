@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-STAGES = ["build-model", "build-demo", "prepare", "fewshot", "invert", "generate", "fid-features", "fid", "train", "report"]
+STAGES = ["download", "build-model", "build-demo", "prepare", "fewshot", "invert", "merge-tokens", "token-samples", "generate",
+          "export", "fid-features", "fid", "train", "report"]
 
 
 def run(*args):

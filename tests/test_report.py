@@ -1,6 +1,9 @@
+import base64
 import csv
+import io
 import json
 import math
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -66,9 +69,16 @@ def fake_results(tmp_path):
         tokens = tmp_path / layout.tokens(str(results), k, s)
         tokens.mkdir(parents=True)
         (tokens / "loss.csv").write_text("step,class,loss\n" + "".join(f"{i},all,{1 - i / 100}\n" for i in range(1, 41)))
+        grid = Path(layout.token_samples(str(results), k, s))
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (2 * 16, 2 * 16), (0, 200, 0)).save(grid)  # 2 classes x 2 samples of 16 px
+        grid.with_suffix(".json").write_text(json.dumps({
+            "tile_size": 16, "column_seeds": [1, 2],
+            "rows": [{"class_name": "cat", "token": "<cat>", "prompt": "a photo of a <cat>"},
+                     {"class_name": "dog", "token": "<dog>", "prompt": "a photo of a <dog>"}]}))
         path = tmp_path / layout.fid(str(results), "dafusion", k, s)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"fid": 12.5, "kid": 0.01, "kid_std": 0.002, "n_real": 2, "n_synthetic": 4}))
+        path.write_text(json.dumps({"fid": 12.5 + k * s, "kid": 0.01, "kid_std": 0.002, "n_real": 2, "n_synthetic": 4}))
         synthetic = [
             {"synthetic_id": f"s-{n}-{j}", "image_id": f"img-{n}", "label": i, "class_name": n, "method": "dafusion",
              "strength": 0.25 * (j + 1), "seed": j, "prompt": "p", "guidance_scale": 7.5, "num_inference_steps": 5,
@@ -96,9 +106,29 @@ def test_report_tables_and_page(fake_results, tmp_path):
         by_method = {(r["method"], r["examples_per_class"]): r for r in csv.DictReader(handle)}
     assert float(by_method[("dafusion", "1")]["accuracy_mean"]) == pytest.approx(0.625)
     assert by_method[("dafusion", "1")]["n_trials"] == "2"
+    # FID beside accuracy: the mean over the trial seeds of the method's synthetic source; none for real-only
+    assert by_method[("dafusion", "2")]["synthetic_method"] == "dafusion"
+    assert float(by_method[("dafusion", "2")]["fid_mean"]) == pytest.approx(12.5 + 0.5 * 2)
+    assert by_method[("baseline", "1")]["fid_mean"] == ""
     page = (out / "index.html").read_text()
     assert "(+10.0)" in page  # dafusion vs baseline at each k
-    assert page.count("data:image/png;base64,") == 3  # accuracy curve, inversion loss, one grid
+    beside = page.split("Accuracy beside the quality")[1].split("<h2>")[0]
+    assert "<td><b>dafusion</b></td><td>2</td><td>62.5 ± 4.5</td><td>+10.0</td><td>dafusion</td><td>13.50</td><td>0.0100</td>" in beside
+    assert "<td><b>baseline</b></td><td>1</td><td>52.5 ± 4.5</td><td>–</td><td>real only</td><td>–</td><td>–</td>" in beside
+    # accuracy curve, inversion loss, token samples at the smallest and largest k of the first trial, one real/synthetic grid
+    assert page.count("data:image/png;base64,") == 5
+    assert "Token samples, k1_seed0" in page and "Token samples, k2_seed0" in page and "k2_seed1" not in page.split("Token samples")[-1][:40]
     assert "did the tokens learn?" in page
     assert "randomly initialised" in page  # the tiny-model warning
     assert "Fewer than 2048" in page
+
+
+def test_token_samples_grid_labels_each_class_row(fake_results, tmp_path):
+    from pipeline.report import token_samples_grid
+
+    uri = token_samples_grid(Path(layout.token_samples(fake_results["results"], 1, 0)), thumb=20)
+    image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+    assert image.size == (150 + 2 * 20, 2 * 20)  # label column + 2 samples, 2 class rows
+    assert image.getpixel((150 + 5, 5)) == (0, 200, 0)  # the samples, shrunk
+    label_area = [image.getpixel((x, y)) for x in range(150) for y in range(40)]
+    assert any(pixel != (255, 255, 255) for pixel in label_area)  # the class names are written

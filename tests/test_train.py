@@ -26,9 +26,13 @@ from pipeline.train import (
     classification_metrics,
     draw_plan,
     draw_proportion_plan,
+    draw_views,
     fixed_replacements,
+    standard_angles,
+    standard_view,
     train_classifier,
     training_plan,
+    with_schedule,
 )
 
 SIZE = 32  # pixels; the smallest train.image_size, and plenty for upscaled 8x8 digits
@@ -152,10 +156,39 @@ def test_selection_uses_val_never_test(tmp_path):
     assert result["accuracy"] == pytest.approx(1 - result["val_accuracy"])
 
 
+def views(draws: int) -> tuple[np.ndarray, np.ndarray]:
+    return draw_views(draws, True, 5, np.random.default_rng(9))
+
+
+def test_draw_views_flip_half_and_pick_angles_uniformly():
+    flips, angle_index = draw_views(50_000, True, 5, np.random.default_rng(0))
+    assert abs(flips.mean() - 0.5) < 0.01
+    assert np.allclose(np.bincount(angle_index, minlength=5) / 50_000, 0.2, atol=0.01)
+    flips, angle_index = draw_views(100, False, 1, np.random.default_rng(0))
+    assert not flips.any() and not angle_index.any()
+
+
+def test_standard_angles_are_symmetric_and_off_at_zero_degrees():
+    assert standard_angles({"rotation_degrees": 15, "rotation_angles": 5}) == [-15.0, -7.5, 0.0, 7.5, 15.0]
+    assert standard_angles({"rotation_degrees": 0, "rotation_angles": 5}) == [0.0]
+    assert standard_angles({"rotation_degrees": 10, "rotation_angles": 1}) == [0.0]
+
+
+def test_standard_view_mirrors_then_rotates_about_the_centre():
+    image = torch.zeros(3, 9, 9, dtype=torch.uint8)
+    image[:, 4, 5:] = 255  # a ray from the centre to the right edge
+    assert torch.equal(standard_view(image, False, 0.0), image)
+    mirrored = standard_view(image, True, 0.0)
+    assert mirrored[0, 4, :4].eq(255).all() and mirrored[0, 4, 5:].eq(0).all()
+    # +90 degrees is counter-clockwise: the ray of the mirrored image (pointing left) then points down
+    turned = standard_view(image, True, 90.0)
+    assert turned[0, 5:, 4].eq(255).all() and turned[0, 4, :4].eq(0).all()
+
+
 def test_draw_plan_mixes_synthetic_with_probability_alpha():
     counts = np.array([3, 3, 0, 5])
     draws = 60_000
-    plan = draw_plan(4, counts, draws, 0.3, True, np.random.default_rng(1), np.random.default_rng(2))
+    plan = draw_plan(4, counts, draws, 0.3, views(draws), np.random.default_rng(1), np.random.default_rng(2))
 
     drew_real = plan.pool_index < 4
     # image 2 has no synthetic version: always real; the others are replaced with probability 0.3
@@ -172,8 +205,8 @@ def test_draw_plan_mixes_synthetic_with_probability_alpha():
 
 def test_draw_plan_alpha_zero_and_paired_real_draws():
     counts = np.full(5, 4)
-    plan_a = draw_plan(5, counts, 1000, 0.0, True, np.random.default_rng(1), np.random.default_rng(2))
-    plan_b = draw_plan(5, counts, 1000, 0.7, True, np.random.default_rng(1), np.random.default_rng(3))
+    plan_a = draw_plan(5, counts, 1000, 0.0, views(1000), np.random.default_rng(1), np.random.default_rng(2))
+    plan_b = draw_plan(5, counts, 1000, 0.7, views(1000), np.random.default_rng(1), np.random.default_rng(3))
     assert not plan_a.synthetic.any() and (plan_a.pool_index < 5).all()
     # same shared generator, different method generator: same real images and flips underneath
     source_b = np.where(plan_b.synthetic, (plan_b.pool_index - 5) // 4, plan_b.pool_index)
@@ -230,12 +263,46 @@ def test_pixel_training_does_not_depend_on_worker_count(three_digits, tmp_path):
     assert runs[0]["curve"] == runs[1]["curve"]
 
 
-def test_finetune_recipe_trains_the_whole_network(three_digits, tmp_path):
+def test_finetune_recipe_trains_the_whole_network_for_whole_epochs(three_digits, tmp_path, monkeypatch):
     subset_path, manifest_path, _, _ = three_digits
-    config = make_config(recipe="finetune", backbone="resnet18", weights="none", steps=3)
+    config = make_config(recipe="finetune", backbone="resnet18", weights="none", epochs=2, batch_size=4,
+                         finetune={"backbone_learning_rate": 1e-3, "head_learning_rate": 1e-2, "momentum": 0.9})
+    seen = {}
+    step = train_module.train_step
+
+    def recording_step(forward, optimizer, inputs, targets):
+        if not seen:  # the network as it was before the first step, and how the optimizer treats it
+            seen["model"] = forward
+            seen["before"] = {k: v.detach().clone() for k, v in forward.state_dict().items()}
+            seen["groups"] = [(len(g["params"]), g["lr"], g["momentum"]) for g in optimizer.param_groups]
+        seen["training"] = forward.backbone.training
+        return step(forward, optimizer, inputs, targets)
+
+    monkeypatch.setattr(train_module, "train_step", recording_step)
     result = train_classifier(config, subset_path, manifest_path, [], "baseline", 0, tmp_path / "m.json")
-    assert result["recipe"] == "finetune" and result["cached_features"] is False
-    assert result["backbone"] == "resnet18" and len(result["curve"]) == 2
+
+    n_real = result["n_train_real"]
+    per_epoch = -(-n_real // 4)
+    assert (result["recipe"], result["cached_features"], result["epochs"]) == ("finetune", False, 2)
+    assert result["steps"] == 2 * per_epoch
+    assert [point["step"] for point in result["curve"]] == [per_epoch, 2 * per_epoch]  # val once per epoch
+    model = seen["model"]
+    assert seen["training"] is True  # BatchNorm in train mode: the statistics are part of what fine-tuning learns
+    assert seen["groups"] == [(len(list(model.backbone.parameters())), 1e-3, 0.9), (len(list(model.head.parameters())), 1e-2, 0.9)]
+    after = model.state_dict()
+    unchanged = [k for k, v in seen["before"].items() if v.is_floating_point() and torch.equal(v, after[k])]
+    assert unchanged == [], unchanged  # every weight and running statistic moved
+
+
+def test_epochs_set_steps_and_evaluation_from_the_subset_size():
+    options = make_config(epochs=35, batch_size=128)["train"]
+    assert (with_schedule(options, 300)["steps"], with_schedule(options, 300)["eval_every"]) == (105, 3)
+    assert (with_schedule(options, 20)["steps"], with_schedule(options, 20)["eval_every"]) == (35, 1)
+    plain = make_config(steps=7, eval_every=3)["train"]
+    assert with_schedule(plain, 300) is plain
+    too_long = make_config(epochs=2, batch_size=10, two_phase={"synthetic_steps": 6, "real_learning_rate_scale": 0.1})["train"]
+    with pytest.raises(PipelineError, match=r"synthetic_steps: got 6 with 6 steps \(train.epochs 2 x 3"):
+        with_schedule(too_long, 25)
 
 
 def test_same_inputs_same_result(three_digits, tmp_path):
@@ -263,8 +330,8 @@ def test_proportion_plan_replaces_a_fixed_share_of_each_class():
     labels = np.array([0] * 4 + [1] * 6)
     counts = np.full(10, 3)
     draws = 5000
-    plan = draw_proportion_plan(labels, counts, draws, 0.5, True, np.random.default_rng(1), np.random.default_rng(2))
-    real_plan = draw_plan(10, counts, draws, 0.0, True, np.random.default_rng(1), np.random.default_rng(2))
+    plan = draw_proportion_plan(labels, counts, draws, 0.5, views(draws), np.random.default_rng(1), np.random.default_rng(2))
+    real_plan = draw_plan(10, counts, draws, 0.0, views(draws), np.random.default_rng(1), np.random.default_rng(2))
     real_index = real_plan.pool_index  # the same shared generator: the real image under every draw
 
     became = _what_draws_became(real_index, plan.pool_index)
@@ -318,9 +385,9 @@ def test_two_phase_plan_is_synthetic_then_real():
     two_phase = {"synthetic_steps": 3, "real_learning_rate_scale": 0.1}
     counts = np.array([2, 2, 1, 4])
     labels = np.array([0, 0, 1, 1])
-    plan = training_plan(Mixing("probability", None, None, two_phase), labels, counts, 10, 4, True,
+    plan = training_plan(Mixing("probability", None, None, two_phase), labels, counts, 10, 4, True, 5,
                          np.random.default_rng(1), np.random.default_rng(2))
-    real = training_plan(Mixing("probability", 0.0, None, None), labels, counts, 10, 4, True,
+    real = training_plan(Mixing("probability", 0.0, None, None), labels, counts, 10, 4, True, 5,
                          np.random.default_rng(1), np.random.default_rng(2))
     assert plan.synthetic[:12].all() and (plan.pool_index[:12] >= 4).all()
     assert not plan.synthetic[12:].any()
@@ -451,7 +518,7 @@ def test_bad_mixing_combinations_are_refused_for_every_method(three_digits, tmp_
     proportion = make_config(steps=4, mixing="proportion", two_phase={"synthetic_steps": 2, "real_learning_rate_scale": 0.1})
     _expect_error(proportion, subset_path, manifest_path, [], "baseline", out, r"train\.two_phase.*Got train\.mixing: proportion")
     too_long = make_config(steps=4, two_phase={"synthetic_steps": 4, "real_learning_rate_scale": 0.1})
-    _expect_error(too_long, subset_path, manifest_path, [], "baseline", out, r"train\.two_phase\.synthetic_steps: got 4 with train\.steps 4")
+    _expect_error(too_long, subset_path, manifest_path, [], "baseline", out, r"train\.two_phase\.synthetic_steps: got 4 with 4 steps \(train\.steps\)")
 
 
 def test_vit_b_16_image_size_must_be_a_multiple_of_16(three_digits, tmp_path):

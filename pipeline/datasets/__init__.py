@@ -15,6 +15,8 @@ Where an image comes from decides how `prepare` splits it (`Labelled.source_spli
 
 from __future__ import annotations
 
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +35,8 @@ EMPTY_OBJECTS = "objects with no pixels"
 OTHER_CLASS = "deciding object's class not in dataset.classes"
 NOT_AN_IMAGE = "not an image file"
 BAD_INPUT = "bad input"
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -85,13 +89,42 @@ def left_out(job, reason: str, detail: str | None = None, class_name: str | None
 
 
 def write_mask(context: LabelContext, image_id: str, mask: np.ndarray) -> str:
-    """Save `mask` as a black/white PNG named after the image; return its path relative to the mask folder."""
+    """Save a [H,W] mask (non-zero: object) as a black/white PNG named after the image.
+
+    Returns its path relative to the mask folder.
+    """
+    # packbits wants C order: on a Fortran-ordered array, as pycocotools decodes, it is 4x slower.
+    rows = np.packbits(np.ascontiguousarray(mask, dtype=bool), axis=1)
+    return write_packed_mask(context, image_id, rows, mask.shape[1])
+
+
+def write_packed_mask(context: LabelContext, image_id: str, rows: np.ndarray, width: int) -> str:
+    """write_mask for a mask already packed as np.packbits(mask, axis=1) packs it: [H, ceil(W/8)] uint8."""
     relative = f"{image_id}.png"
     target = context.mask_dir / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # C order: PIL converts a Fortran-ordered array (as pycocotools decodes) about ten times slower.
-    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(target, compress_level=1)
+    if "/" in relative:  # folder image ids keep their subfolders; the others all go in mask_dir itself
+        target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(_binary_png(rows, width))
     return relative
+
+
+def _binary_png(rows: np.ndarray, width: int) -> bytes:
+    """A PNG of bit depth 1, which PIL opens in mode "1", of rows of packed bits (most significant first).
+
+    Written here rather than by PIL, whose PNG encoder filters every row: on a 640x480 COCO mask
+    it took 0.8 ms against 0.07 ms for zlib on the unfiltered rows, whose file is smaller too.
+    """
+    height = rows.shape[0]
+    filtered = np.zeros((height, 1 + rows.shape[1]), dtype=np.uint8)  # each row behind filter type 0: none
+    filtered[:, 1:] = rows
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale, no interlace
+    return b"".join(
+        (_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", zlib.compress(filtered, 1)), _png_chunk(b"IEND", b""))
+    )
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def read_index_png(path: Path) -> np.ndarray:

@@ -52,7 +52,7 @@ def fail(message):
 def check_config():
     """Checks the schema cannot express; all run before any job starts."""
     dataset, model = config["dataset"], config["model"]
-    if dataset["name"] != "demo" and not Path(dataset["root"]).is_dir():
+    if dataset["name"] != "demo" and not dataset["download"] and not Path(dataset["root"]).is_dir():
         fail(f"dataset.root: folder {dataset['root']!r} does not exist (dataset.name is {dataset['name']!r}). Expected the dataset's root folder.")
     if not model["build_tiny"]:
         local = Path(model["id"]).expanduser()

@@ -9,14 +9,14 @@ rule generate:
     output:
         layout.shard(R, "{method}", "{k}", "{seed}", "{shard}", "{total}"),
     params:
-        # batch_size is left out: seeds, strengths and prompts do not depend on it (pixels may move by
-        # a level or two: CPU/GPU kernels are not batch-invariant), so changing it reruns nothing.
+        # batch_size is left out: seeds, strengths and prompts do not depend on it, nor pixels on CPU
+        # (on GPU a level or two: kernels sum in batch-dependent orders), so changing it reruns nothing.
         **stage_params(
             "pipeline.generate",
             "model",
             "generate",
             "seed",
-            drop=["model.build_tiny", "generate.batch_size", "generate.flush_every", "generate.methods", "generate.num_shards"],
+            drop=["model.build_tiny", "generate.batch_size", "generate.flush_every", "generate.methods", "generate.num_shards", "generate.export_dir"],
         ),
         tokens=tokens_arg,
     log:
@@ -29,3 +29,33 @@ rule generate:
     shell:
         "python -m pipeline generate --config {CONFIG_FILE} --subset {input.subset} {params.tokens}"
         " --method {wildcards.method} --shard {wildcards.shard} --num-shards {wildcards.total} --out {output} > {log} 2>&1"
+
+
+# export: with generate.export_dir set, each synthetic set also as plain PNG folders for other tools,
+# <export_dir>/<method>/<subset>/<class name>/<synthetic_id>.png plus images.csv (the rule's output,
+# written last). A separate rule, so that exporting never touches generation's caching.
+EXPORT_DIR = config["generate"]["export_dir"]
+
+
+def export_outputs():
+    """The export index of every synthetic set the config asks for; none without generate.export_dir."""
+    if EXPORT_DIR is None:
+        return []
+    return [f"{EXPORT_DIR}/{m}/{layout.subset_name(k, s)}/images.csv" for m in GENERATE_METHODS for k, s in PAIRS]
+
+
+if EXPORT_DIR is not None:
+
+    rule export:
+        input:
+            lambda wildcards: layout.shards(R, wildcards.method, wildcards.k, wildcards.seed, NUM_SHARDS),
+        output:
+            f"{EXPORT_DIR}/{{method}}/{SUBSET}/images.csv",
+        params:
+            code=code_hash("pipeline.generate"),
+            out=lambda wildcards, output: str(Path(output[0]).parent),
+        log:
+            log_path("export", f"{{method}}/{SUBSET}"),
+        threads: 1
+        shell:
+            "python -m pipeline export --config {CONFIG_FILE} --synthetic {input} --out {params.out} > {log} 2>&1"

@@ -1,21 +1,133 @@
 # invert: textual inversion, one learned token per class, trained on each few-shot subset.
+#
+# invert.mode decides the jobs; both end in the same tokens folder, layout.tokens(R, k, seed),
+# which is all that generate, train and report read:
+#
+#   joint      one `invert` job per subset trains every class's token together (batches mix classes).
+#   per_class  one `invert` job per (subset, class), each on its own GPU or SLURM job, then one
+#              cheap `merge_tokens` job per subset. The class list is only known once `prepare` has
+#              run, so the merge job asks the `prepare` checkpoint for classes.json; joint mode never
+#              does, and its DAG stays fully known up front.
+#
+# A per-class folder is named by the class's index in classes.json (class-0, class-1, ...), not by
+# its name: names such as "traffic light" or "hot/cold" make poor paths and wildcards. A per-class
+# job equals, bit for bit, that class's run inside a single per_class job: a run's random draws are
+# keyed by (seed, trial, class name) only.
+#
+# After either, `token_samples` renders a few text-to-image samples of every learned token (the
+# quality signal of the report); it is a separate job so the tokens folder stays invert's alone.
+
+import json
 
 
-rule invert:
+def class_tokens_dir(results, k, trial_seed, class_index):
+    """The tokens folder of one class of one subset (per_class mode)."""
+    return f"{results}/invert/classes/{layout.subset_name(k, trial_seed)}/class-{class_index}"
+
+
+def token_samples_json(results, k, trial_seed):
+    """The grid's legend: which class, token, prompt and seeds each row shows."""
+    return str(Path(layout.token_samples(results, k, trial_seed)).with_suffix(".json"))
+
+
+def read_classes(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+# Changing the sample settings re-renders samples, never re-learns tokens.
+# A resumed run ends bitwise equal to an uninterrupted one: checkpointing changes no result either.
+INVERT_PARAMS = stage_params(
+    "pipeline.invert",
+    "model",
+    "invert",
+    "seed",
+    drop=["model.build_tiny", "invert.checkpoint_every", "invert.samples"],
+)
+
+
+if config["invert"]["mode"] == "joint":
+
+    rule invert:
+        input:
+            model_input(),
+            subset=layout.subset(R, "{k}", "{seed}"),
+        output:
+            directory(layout.tokens(R, "{k}", "{seed}")),
+        params:
+            **INVERT_PARAMS,
+        log:
+            log_path("invert", SUBSET),
+        benchmark:
+            benchmark_path("invert", SUBSET)
+        threads: 1
+        resources:
+            gpu=1,
+        shell:
+            "python -m pipeline invert --config {CONFIG_FILE} --subset {input.subset} --out {output} > {log} 2>&1"
+
+else:
+
+    def class_name_of(wildcards, input):
+        return read_classes(input.classes)[int(wildcards.class_index)]
+
+    def per_class_tokens(wildcards):
+        """One tokens folder per class of classes.json, in its order (the order of a single job's output)."""
+        classes = read_classes(checkpoints.prepare.get().output.classes)
+        return [class_tokens_dir(R, wildcards.k, wildcards.seed, i) for i in range(len(classes))]
+
+    rule invert:
+        input:
+            model_input(),
+            subset=layout.subset(R, "{k}", "{seed}"),
+            classes=f"{R}/prepare/classes.json",
+        output:
+            directory(class_tokens_dir(R, "{k}", "{seed}", "{class_index}")),
+        wildcard_constraints:
+            class_index=r"\d+",
+        params:
+            **INVERT_PARAMS,
+            class_name=class_name_of,
+        log:
+            log_path("invert", f"{SUBSET}/class-{{class_index}}"),
+        benchmark:
+            benchmark_path("invert", f"{SUBSET}/class-{{class_index}}")
+        threads: 1
+        resources:
+            gpu=1,
+        shell:
+            "python -m pipeline invert --config {CONFIG_FILE} --subset {input.subset} --class {params.class_name:q}"
+            " --out {output} > {log} 2>&1"
+
+    rule merge_tokens:
+        input:
+            per_class_tokens,
+        output:
+            directory(layout.tokens(R, "{k}", "{seed}")),
+        params:
+            **stage_params("pipeline.invert"),
+        log:
+            log_path("merge_tokens", SUBSET),
+        threads: 1
+        shell:
+            "python -m pipeline merge-tokens --config {CONFIG_FILE} --tokens {input} --out {output} > {log} 2>&1"
+
+
+rule token_samples:
     input:
         model_input(),
-        subset=layout.subset(R, "{k}", "{seed}"),
+        tokens=layout.tokens(R, "{k}", "{seed}"),
     output:
-        directory(layout.tokens(R, "{k}", "{seed}")),
+        grid=layout.token_samples(R, "{k}", "{seed}"),
+        legend=token_samples_json(R, "{k}", "{seed}"),
     params:
-        # A resumed run ends bitwise equal to an uninterrupted one: checkpointing changes no result.
-        **stage_params("pipeline.invert", "model", "invert", "seed", drop=["model.build_tiny", "invert.checkpoint_every"]),
+        **stage_params("pipeline.token_samples", "model", "invert.samples", "seed", drop=["model.build_tiny"]),
     log:
-        log_path("invert", SUBSET),
+        log_path("token_samples", SUBSET),
     benchmark:
-        benchmark_path("invert", SUBSET)
+        benchmark_path("token_samples", SUBSET)
     threads: 1
     resources:
         gpu=1,
     shell:
-        "python -m pipeline invert --config {CONFIG_FILE} --subset {input.subset} --out {output} > {log} 2>&1"
+        "python -m pipeline token-samples --config {CONFIG_FILE} --tokens {input.tokens} --out {output.grid} > {log} 2>&1"

@@ -33,9 +33,9 @@ if config["dataset"]["name"] == "demo":
             "python -m pipeline build-demo --config {CONFIG_FILE} --out {output} > {log} 2>&1"
 
 
-rule prepare:
+checkpoint prepare:
     input:
-        [config["dataset"]["root"]] if config["dataset"]["name"] == "demo" else [],
+        [config["dataset"]["root"]] if config["dataset"]["name"] == "demo" else download_marker(),
     output:
         manifest=layout.manifest(R),
         classes=f"{R}/prepare/classes.json",
@@ -46,7 +46,7 @@ rule prepare:
             "pipeline.prepare",
             "dataset",
             "seed",
-            drop=["dataset.examples_per_class", "dataset.trial_seeds", "dataset.allow_fewer", "dataset.demo"],
+            drop=["dataset.examples_per_class", "dataset.trial_seeds", "dataset.allow_fewer", "dataset.demo", "dataset.download"],
         ),
         out=out_dir,
     log:

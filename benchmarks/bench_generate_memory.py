@@ -1,0 +1,90 @@
+"""Peak GPU memory and throughput of batched SDEdit per batch size, and what `batch_size: auto` picks.
+
+For each batch size, one `sdedit.sdedit` call on random latents (strength 1, so every scheduled
+step runs on the whole batch; classifier-free guidance doubles the UNet batch; images are decoded
+one at a time as in `generate`), after one warm-up call at batch 1. Prints a Markdown table for
+BENCHMARKS.md, then the batch size `generate.batch_size: auto` chooses on this GPU and how long
+its probe took.
+
+    python benchmarks/bench_generate_memory.py [--model CompVis/stable-diffusion-v1-4] [--resolution 512] \
+        [--dtype float16] [--steps 10] [--batch-sizes 1 2 4 8 16 32 64]
+
+Needs a CUDA GPU (peak memory is read from the CUDA allocator); elsewhere it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from pipeline import sdedit
+from pipeline.generate import AUTO_BATCH_LIMIT, largest_fitting_batch
+
+GIB = 1024**3
+
+
+def run_batch(pipe, batch_size: int, resolution: int, steps: int, guidance_scale: float) -> float:
+    """Seconds for one SDEdit call on `batch_size` random images (the GPU synchronised)."""
+    side = resolution // pipe.vae_scale_factor
+    generator = torch.Generator().manual_seed(batch_size)
+    shape = (batch_size, pipe.unet.config.in_channels, side, side)
+    clean = torch.randn(shape, generator=generator).to(pipe.device, pipe.unet.dtype)
+    noise = torch.randn(shape, generator=generator).to(pipe.device, pipe.unet.dtype)
+    prompt = sdedit.encode_prompt(pipe, "a photo of a dog").expand(batch_size, -1, -1)
+    negative = sdedit.encode_negative_prompt(pipe) if sdedit.use_guidance(pipe, guidance_scale) else None
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    sdedit.sdedit(pipe, clean, noise, prompt, negative, 1.0, steps, guidance_scale)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="diffusers checkpoint folder or hub id")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--steps", type=int, default=10, help="scheduled steps per call (all run at strength 1)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        print("bench_generate_memory: no CUDA device visible to torch; peak GPU memory cannot be measured here. "
+              "Run it on a machine with an NVIDIA GPU.")  # fmt: skip
+        return 0
+
+    device = torch.device("cuda", 0)
+    dtype = getattr(torch, args.dtype)
+    generate = {"scheduler": "default", "channels_last": False, "compile": False}
+    pipe = sdedit.load_img2img({"id": args.model}, generate, device, dtype)
+    total = torch.cuda.get_device_properties(device).total_memory
+    print(f"{torch.cuda.get_device_name(device)} ({total / GIB:.1f} GiB), {args.model}, {args.resolution} px, {args.dtype}, "
+          f"{args.steps} steps, guidance {args.guidance_scale}")  # fmt: skip
+
+    with torch.inference_mode():
+        run_batch(pipe, 1, args.resolution, 1, args.guidance_scale)  # warm-up: kernels, allocator
+        print("\n| batch size | peak GPU memory (GiB) | seconds | images/s |\n|---:|---:|---:|---:|")
+        for batch_size in args.batch_sizes:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                seconds = run_batch(pipe, batch_size, args.resolution, args.steps, args.guidance_scale)
+            except torch.cuda.OutOfMemoryError:
+                print(f"| {batch_size} | out of memory | | |")
+                break
+            peak = torch.cuda.max_memory_allocated(device) / GIB
+            print(f"| {batch_size} | {peak:.2f} | {seconds:.2f} | {batch_size / seconds:.2f} |")
+
+    guided = sdedit.use_guidance(pipe, args.guidance_scale)
+    start = time.perf_counter()
+    chosen = largest_fitting_batch(lambda b: sdedit.fits_in_memory(pipe, b, args.resolution, guided), AUTO_BATCH_LIMIT)
+    print(f"\nbatch_size auto: {chosen} (limit {AUTO_BATCH_LIMIT}; probe took {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
