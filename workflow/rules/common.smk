@@ -4,6 +4,7 @@
 # inside the imported `pipeline` package. So every rule's params carry exactly the config values that
 # can change its output (`cfg`) and a hash of the pipeline source it runs (`code`).
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -146,3 +147,62 @@ def log_path(rule_name, job_name):
 
 def benchmark_path(rule_name, job_name):
     return f"{R}/benchmarks/{rule_name}/{job_name}.tsv"
+
+
+# download ----------------------------------------------------------------------------------------
+
+from pipeline.download import ARCHIVES, MARKER, TORCHVISION_DATASETS
+
+DOWNLOADABLE = sorted([*ARCHIVES, *TORCHVISION_DATASETS])
+DOWNLOADING = config["dataset"]["download"]
+
+if DOWNLOADING and config["dataset"]["name"] not in DOWNLOADABLE:
+    fail(f"dataset.download: true needs dataset.name to be one of {DOWNLOADABLE}. Got {config['dataset']['name']!r}")
+
+
+def download_marker():
+    """The completion marker when this workflow downloads the dataset; nothing otherwise."""
+    return [f"{config['dataset']['root']}/{MARKER}"] if DOWNLOADING else []
+
+
+# invert ------------------------------------------------------------------------------------------
+
+
+def class_tokens_dir(results, k, trial_seed, class_index):
+    """The tokens folder of one class of one subset (per_class mode)."""
+    return f"{results}/invert/classes/{layout.subset_name(k, trial_seed)}/class-{class_index}"
+
+
+def token_samples_json(results, k, trial_seed):
+    """The grid's legend: which class, token, prompt and seeds each row shows."""
+    return str(Path(layout.token_samples(results, k, trial_seed)).with_suffix(".json"))
+
+
+def read_classes(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def class_name_of(wildcards, input):
+    return read_classes(input.classes)[int(wildcards.class_index)]
+
+
+def per_class_tokens(wildcards):
+    """One tokens folder per class of classes.json, in its order (the order of a single job's output).
+
+    Asks the `prepare` checkpoint, so only per_class mode's DAG waits on prepare."""
+    classes = read_classes(checkpoints.prepare.get().output.classes)
+    return [class_tokens_dir(R, wildcards.k, wildcards.seed, i) for i in range(len(classes))]
+
+
+# export ------------------------------------------------------------------------------------------
+
+# With generate.export_dir set, each synthetic set is also written as plain PNG folders.
+EXPORT_DIR = config["generate"]["export_dir"]
+
+
+def export_outputs():
+    """The export index of every synthetic set the config asks for; none without generate.export_dir."""
+    if EXPORT_DIR is None:
+        return []
+    return [f"{EXPORT_DIR}/{m}/{layout.subset_name(k, s)}/images.csv" for m in GENERATE_METHODS for k, s in PAIRS]

@@ -34,15 +34,6 @@ rule generate:
 # export: with generate.export_dir set, each synthetic set also as plain PNG folders for other tools,
 # <export_dir>/<method>/<subset>/<class name>/<synthetic_id>.png plus images.csv (the rule's output,
 # written last). A separate rule, so that exporting never touches generation's caching.
-EXPORT_DIR = config["generate"]["export_dir"]
-
-
-def export_outputs():
-    """The export index of every synthetic set the config asks for; none without generate.export_dir."""
-    if EXPORT_DIR is None:
-        return []
-    return [f"{EXPORT_DIR}/{m}/{layout.subset_name(k, s)}/images.csv" for m in GENERATE_METHODS for k, s in PAIRS]
-
 
 if EXPORT_DIR is not None:
 

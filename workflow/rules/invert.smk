@@ -17,24 +17,6 @@
 # After either, `token_samples` renders a few text-to-image samples of every learned token (the
 # quality signal of the report); it is a separate job so the tokens folder stays invert's alone.
 
-import json
-
-
-def class_tokens_dir(results, k, trial_seed, class_index):
-    """The tokens folder of one class of one subset (per_class mode)."""
-    return f"{results}/invert/classes/{layout.subset_name(k, trial_seed)}/class-{class_index}"
-
-
-def token_samples_json(results, k, trial_seed):
-    """The grid's legend: which class, token, prompt and seeds each row shows."""
-    return str(Path(layout.token_samples(results, k, trial_seed)).with_suffix(".json"))
-
-
-def read_classes(path):
-    with open(path) as handle:
-        return json.load(handle)
-
-
 # Changing the sample settings re-renders samples, never re-learns tokens.
 # A resumed run ends bitwise equal to an uninterrupted one: checkpointing changes no result either.
 INVERT_PARAMS = stage_params(
@@ -67,14 +49,6 @@ if config["invert"]["mode"] == "joint":
             "python -m pipeline invert --config {CONFIG_FILE} --subset {input.subset} --out {output} > {log} 2>&1"
 
 else:
-
-    def class_name_of(wildcards, input):
-        return read_classes(input.classes)[int(wildcards.class_index)]
-
-    def per_class_tokens(wildcards):
-        """One tokens folder per class of classes.json, in its order (the order of a single job's output)."""
-        classes = read_classes(checkpoints.prepare.get().output.classes)
-        return [class_tokens_dir(R, wildcards.k, wildcards.seed, i) for i in range(len(classes))]
 
     rule invert:
         input:
