@@ -3,8 +3,9 @@
 A training method is "+"-joined parts: at most one synthetic-image source (a generation method such
 as `dafusion`) and any of the standard augmentations below, e.g. `baseline`, `dafusion`,
 `randaugment`, `dafusion+mixup`, `real-guidance+cutmix`. `baseline` stands alone: real images with
-the standard horizontal flip only. Every method gets that flip (train.flip), so methods differ only
-in what their name adds.
+the standard augmentation only, a horizontal flip and a small rotation. Every method gets those
+(train.flip, train.rotation_degrees; drawn in pipeline.train's plan), so methods differ only in what
+their name adds.
 
 The workflow parses method names when it reads the Snakefile, so this module imports torch and
 torchvision only inside the functions that build transforms.
@@ -54,8 +55,9 @@ def parse_method(name: str, synthetic_methods: set[str]) -> tuple[str | None, li
 def image_transform(augmentations: list[str], train_config: dict):
     """Per-image training transform: uint8 tensor [3, H, W] in, float tensor in [0, 1] out.
 
-    The flip and the resize are not here: images are resized once when decoded, and the flip is
-    drawn with the training plan so cached-feature and pixel training see the same flips.
+    The standard flip and rotation and the resize are not here: images are resized once when decoded,
+    and flip and rotation are drawn with the training plan so cached-feature and pixel training see
+    the same views.
     Random draws use torch's global generator; the caller seeds it per draw.
     """
     from torch import float32
