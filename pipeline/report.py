@@ -186,8 +186,11 @@ def inversion_loss_plot(loss_files: dict[str, Path]) -> str:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("noise-prediction MSE")
-    if sum(len(ax.get_lines()) for ax in axes[0]) <= 12:
-        axes[0][-1].legend(frameon=False, fontsize=7)
+    # A legend of a dozen classes still reads; beyond that only the bold batch curve is named.
+    lines = axes[0][-1].get_lines()
+    named = lines if len(lines) <= 12 else [line for line in lines if line.get_label() == layout.JOINT_LOSS_LABEL]
+    if named:
+        axes[0][-1].legend(handles=named, frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     uri = _png_data_uri(fig)
     plt.close(fig)
     return uri

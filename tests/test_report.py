@@ -132,3 +132,17 @@ def test_token_samples_grid_labels_each_class_row(fake_results, tmp_path):
     assert image.getpixel((150 + 5, 5)) == (0, 200, 0)  # the samples, shrunk
     label_area = [image.getpixel((x, y)) for x in range(150) for y in range(40)]
     assert any(pixel != (255, 255, 255) for pixel in label_area)  # the class names are written
+
+
+@pytest.mark.parametrize("classes, named", [(3, ["all", "c0", "c1", "c2"]), (15, ["all"])])
+def test_inversion_loss_legend_names_classes_until_it_would_not_read(tmp_path, monkeypatch, classes, named):
+    import pipeline.report as report
+
+    path = tmp_path / "loss.csv"
+    rows = [f"{step},all,1.0" for step in range(1, 21)] + [f"{step},c{c},1.0" for c in range(classes) for step in range(1, 21)]
+    path.write_text("step,class,loss\n" + "\n".join(rows) + "\n")
+    figures = []
+    monkeypatch.setattr(report, "_png_data_uri", lambda figure: figures.append(figure) or "data:")
+    report.inversion_loss_plot({"k1_seed0": path})
+    legend = figures[0].axes[-1].get_legend()
+    assert sorted(text.get_text() for text in legend.get_texts()) == named
