@@ -1,5 +1,7 @@
 """Fetch a dataset onto a user's machine: VOC 2012 and COCO 2017 from their official URLs, verified
-against published checksums; Caltech-101 and Flowers-102 through torchvision's own downloaders.
+against published checksums; Caltech-101 from the archive torchvision uses (verified by the same md5,
+both inner archives extracted: torchvision's own downloader drops the outline annotations);
+Flowers-102 through torchvision's own downloader.
 
 Never run in CI (the tests serve small archives from a local server). What a download leaves in
 the dataset root:
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 MARKER = ".download-complete.json"
 WORK_DIR = ".downloads"
 CHUNK_BYTES = 1 << 20  # one MiB: progress counts chunks, so its lines read in MiB and MiB/s
-TORCHVISION_DATASETS = ("caltech101", "flowers102")
+TORCHVISION_DATASETS = ("flowers102",)
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,25 @@ class Archive:
     filename: str
     urls: tuple[str, ...]
     digests: Mapping[str, str]
+    # Archives inside this one (paths within it) to extract in turn into <root>/<inner_target>; the
+    # outer archive's own files are then dropped. Empty: this archive extracts into <root> itself.
+    inner: tuple[str, ...] = ()
+    inner_target: str = ""
 
 
 ARCHIVES: dict[str, tuple[Archive, ...]] = {
+    # The zip torchvision's Caltech101 fetches, with its md5 (torchvision/datasets/caltech.py). Inside:
+    # caltech-101/101_ObjectCategories.tar.gz (the images) and caltech-101/Annotations.tar (the object
+    # outlines that give masks), both extracted into <root>/caltech101 as torchvision lays it out.
+    "caltech101": (
+        Archive(
+            "caltech-101.zip",
+            ("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",),
+            {"md5": "3138e1922a9193bfa496528edbbc45d0"},
+            inner=("caltech-101/101_ObjectCategories.tar.gz", "caltech-101/Annotations.tar"),
+            inner_target="caltech101",
+        ),
+    ),
     # md5 as listed by torchvision (torchvision/datasets/voc.py) and PaddleDetection
     # (ppdet/utils/download.py). torchvision fetches from thor.robots.ox.ac.uk, a mirror of the same
     # files kept because host.robots.ox.ac.uk is often unreachable.
@@ -142,11 +160,35 @@ def _fetch_and_extract(archive: Archive, root: Path, work_dir: Path, timeout: fl
         return read_json(done)
     path, url = fetch_archive(archive, work_dir, timeout)
     size = path.stat().st_size
-    extracted = extract_archive(path, root, work_dir / f"{archive.filename}.extracting")
+    if archive.inner:
+        extracted = _extract_inner_archives(archive, path, root, work_dir)
+    else:
+        extracted = extract_archive(path, root, work_dir / f"{archive.filename}.extracting")
     record = {"filename": archive.filename, "url": url, "digests": dict(archive.digests), "bytes": size, "extracted": extracted}
     write_json(done, record)
     path.unlink()  # the archive is as large as what it holds; its digests stay in the record
     return record
+
+
+def _extract_inner_archives(archive: Archive, path: Path, root: Path, work_dir: Path) -> list[str]:
+    """Unpack `path` in the work folder, extract each of `archive.inner` into <root>/<inner_target>,
+    and drop the rest; return the extracted entries as paths relative to `root`."""
+    outer = work_dir / f"{archive.filename}.contents"
+    if outer.exists():
+        shutil.rmtree(outer)  # an earlier run stopped before the inner archives were extracted
+    outer.mkdir()
+    extract_archive(path, outer, work_dir / f"{archive.filename}.extracting")
+    target = root / archive.inner_target
+    target.mkdir(parents=True, exist_ok=True)
+    extracted = []
+    for name in archive.inner:
+        inner = outer / checked_member_path(name, path)
+        if not inner.is_file():
+            raise PipelineError(f"{path}: expected the archive {name} inside it. Got {sorted(str(p.relative_to(outer)) for p in outer.rglob('*'))[:10]}")
+        entries = extract_archive(inner, target, work_dir / f"{inner.name}.extracting")
+        extracted += [f"{archive.inner_target}/{entry}" for entry in entries]
+    shutil.rmtree(outer)
+    return extracted
 
 
 def fetch_archive(archive: Archive, directory: Path, timeout: float = 60.0) -> tuple[Path, str | None]:
@@ -342,7 +384,7 @@ def check_tar_member(member: tarfile.TarInfo, archive: Path) -> None:
 
 
 def _download_with_torchvision(name: str, root: Path, marker: Path) -> Path:
-    """Caltech-101 and Flowers-102: torchvision knows their URLs and md5s and checks them itself."""
+    """Flowers-102: torchvision knows its URLs and md5s and checks them itself."""
     import torchvision
     from torchvision import datasets
 
@@ -351,12 +393,8 @@ def _download_with_torchvision(name: str, root: Path, marker: Path) -> Path:
         return marker
     root.mkdir(parents=True, exist_ok=True)
     try:
-        if name == "caltech101":
-            datasets.Caltech101(str(root), download=True)
-            folder = "caltech101"
-        else:
-            datasets.Flowers102(str(root), download=True)  # one download holds all three splits
-            folder = "flowers-102"
+        datasets.Flowers102(str(root), download=True)  # one download holds all three splits
+        folder = "flowers-102"
     except (RuntimeError, OSError) as exc:
         raise PipelineError(f"torchvision could not download {name} into {root}: {exc}") from None
     write_json(marker, {"dataset": name, "downloaded_by": f"torchvision {torchvision.__version__}", "extracted": [folder]})

@@ -3,6 +3,8 @@ honours (or ignores) Range requests, never the real URLs."""
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import hashlib
 import http.server
 import io
@@ -370,6 +372,28 @@ def test_tar_download_gives_the_voc_layout(tmp_path, server):
     root = tmp_path / "voc"
     download_dataset("voc", root, archives=[archive_for(server, "voc.tar")], timeout=TIMEOUT)
     assert (root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000032.jpg").read_bytes() == b"voc image"
+
+
+def test_caltech_zip_gives_images_and_annotations_in_torchvisions_layout(tmp_path):
+    images = {"101_ObjectCategories/accordion/image_0001.jpg": b"accordion jpeg"}
+    outlines = {"Annotations/accordion/annotation_0001.mat": b"outline"}
+    gz = io.BytesIO()
+    with gzip.GzipFile(fileobj=gz, mode="wb") as handle:
+        handle.write(tar_bytes(images))
+    files = {"caltech-101.zip": zip_bytes({"caltech-101/101_ObjectCategories.tar.gz": gz.getvalue(),
+                                            "caltech-101/Annotations.tar": tar_bytes(outlines),
+                                            "caltech-101/show_annotation.m": b"% matlab"})}
+    official = ARCHIVES["caltech101"][0]
+    with Server(files) as server:
+        archive = dataclasses.replace(archive_for(server, "caltech-101.zip"), inner=official.inner, inner_target=official.inner_target)
+        marker = download_dataset("caltech101", tmp_path / "data", archives=[archive], timeout=TIMEOUT)
+
+    root = tmp_path / "data"
+    for name, content in {**images, **outlines}.items():
+        assert (root / "caltech101" / name).read_bytes() == content  # where the caltech101 reader looks
+    assert sorted(p.name for p in root.iterdir()) == sorted([MARKER, "caltech101"])  # zip and its other files gone
+    (record,) = json.loads(marker.read_text())["archives"]
+    assert record["extracted"] == ["caltech101/101_ObjectCategories", "caltech101/Annotations"]
 
 
 def test_cli_download_subcommand_uses_dataset_root(tmp_path, monkeypatch):

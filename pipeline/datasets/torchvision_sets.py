@@ -12,7 +12,7 @@ name lower-cased with spaces for underscores ("Faces_easy" -> "faces easy", "car
 side"), as DA-Fusion writes them into prompts. There is no official split: every image is
 "unsplit" and prepare holds out a seeded share of each class. The object's outline, where
 caltech101/Annotations/<category>/annotation_NNNN.mat exists, becomes its mask; without the
-Annotations folder (torchvision's download does not extract it) masks are null.
+Annotations folder (torchvision's own download does not extract it; dataset.download does) masks are null.
 
 Flowers-102: dataset.root holds flowers-102/ (torchvision's root) or is that folder, with
 jpg/image_NNNNN.jpg, imagelabels.mat and setid.mat. The official splits of setid.mat decide:
