@@ -124,13 +124,6 @@ def test_caltech101_missing_dataset_names_the_expected_layout(tmp_path):
         prepare_dataset(config_for("caltech101", tmp_path / "empty"), tmp_path / "out")
 
 
-def test_caltech101_download_of_a_present_dataset_only_writes_the_marker(tmp_path):
-    write_caltech(tmp_path / "data")  # torchvision sees 101_ObjectCategories and downloads nothing
-    marker = download_dataset("caltech101", tmp_path / "data")
-    assert marker == tmp_path / "data" / MARKER
-    assert json.loads(marker.read_text())["extracted"] == ["caltech101"]
-
-
 # --- Flowers-102 --------------------------------------------------------------------------------
 
 # image number -> label (1-based, as in imagelabels.mat); 60 is "pink-yellow dahlia"
