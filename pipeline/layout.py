@@ -37,6 +37,11 @@ def token_samples(results: str, k, trial_seed) -> str:
     return f"{results}/invert/samples/{subset_name(k, trial_seed)}.png"
 
 
+def token_samples_legend(grid_path) -> str:
+    """The JSON legend written beside a token sample grid: which class, token and prompt each row shows."""
+    return str(grid_path).removesuffix(".png") + ".json"
+
+
 def shard(results: str, method, k, trial_seed, index, count) -> str:
     return f"{results}/synthetic/{method}/{subset_name(k, trial_seed)}/shard-{index}-of-{count}.parquet"
 

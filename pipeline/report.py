@@ -236,7 +236,7 @@ def token_samples_grid(grid_path: Path, thumb: int = 64) -> str:
     tiles shrunk to `thumb` px, as a PNG data URI."""
     from PIL import Image, ImageDraw
 
-    legend = read_json(Path(grid_path).with_suffix(".json"))
+    legend = read_json(Path(layout.token_samples_legend(grid_path)))
     rows, columns = len(legend["rows"]), len(legend["column_seeds"])
     tile, label_w = legend["tile_size"], 150
     with Image.open(grid_path) as grid:

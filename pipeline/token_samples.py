@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline import PipelineError, sdedit
+from pipeline import PipelineError, layout, sdedit
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.io import atomic_path, write_json
 from pipeline.progress import progress
@@ -31,11 +31,6 @@ log = logging.getLogger(__name__)
 STAGE = "token_samples"
 # Deterministic and good in 10 to 20 steps; the checkpoint's own scheduler may need 50 or draw noise per step.
 SAMPLER = {"scheduler": "dpm-solver++", "channels_last": False, "compile": False}
-
-
-def legend_path(out_path: str | Path) -> Path:
-    """The JSON legend written beside a grid: samples.png -> samples.json."""
-    return Path(out_path).with_suffix(".json")
 
 
 def column_seeds(seed: int, per_class: int) -> list[int]:
@@ -56,7 +51,7 @@ def render_token_samples(config: dict, tokens_dir: str | Path, out_path: str | P
     """Render every token's samples of `tokens_dir` into the grid PNG `out_path` and its legend JSON.
 
     The grid has one row per class and `invert.samples.per_class` columns of model.resolution²
-    tiles. The legend (`legend_path(out_path)`) names each row's class, token and prompt, and each
+    tiles. The legend (`layout.token_samples_legend(out_path)`) names each row's class, token and prompt, and each
     column's seed. Both are written atomically. Returns the legend.
     """
     tokens_dir, out_path = Path(tokens_dir), Path(out_path)
@@ -96,7 +91,7 @@ def render_token_samples(config: dict, tokens_dir: str | Path, out_path: str | P
     }
     with atomic_path(out_path) as tmp:
         grid_image(rows, resolution).save(tmp, format="PNG")
-    write_json(legend_path(out_path), legend)
+    write_json(Path(layout.token_samples_legend(out_path)), legend)
     log.info(
         "rendered %d samples of each of %d tokens (%d steps) in %.1fs -> %s",
         len(seeds), len(class_tokens), samples["steps"], seconds, out_path,

@@ -173,11 +173,6 @@ def class_tokens_dir(results, k, trial_seed, class_index):
     return f"{results}/invert/classes/{layout.subset_name(k, trial_seed)}/class-{class_index}"
 
 
-def token_samples_json(results, k, trial_seed):
-    """The grid's legend: which class, token, prompt and seeds each row shows."""
-    return str(Path(layout.token_samples(results, k, trial_seed)).with_suffix(".json"))
-
-
 def read_classes(path):
     with open(path) as handle:
         return json.load(handle)

@@ -44,7 +44,7 @@ if EXPORT_DIR is not None:
             f"{EXPORT_DIR}/{{method}}/{SUBSET}/images.csv",
         params:
             code=code_hash("pipeline.generate"),
-            out=lambda wildcards, output: str(Path(output[0]).parent),
+            out=out_dir,
         log:
             log_path("export", f"{{method}}/{SUBSET}"),
         threads: 1

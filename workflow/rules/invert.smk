@@ -93,7 +93,7 @@ rule token_samples:
         tokens=layout.tokens(R, "{k}", "{seed}"),
     output:
         grid=layout.token_samples(R, "{k}", "{seed}"),
-        legend=token_samples_json(R, "{k}", "{seed}"),
+        legend=layout.token_samples_legend(layout.token_samples(R, "{k}", "{seed}")),
     params:
         **stage_params("pipeline.token_samples", "model", "invert.samples", "seed", drop=["model.build_tiny"]),
     log:
