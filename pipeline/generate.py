@@ -34,6 +34,11 @@ the seed that made its image. Still flagged after the last re-draw, it is kept b
 true (one row per copy; train leaves it out). The shard's metadata `resamples` maps each re-drawn
 synthetic_id to its number of re-draws. Without the checker nsfw is null.
 
+Bad sources. A source image that cannot be decoded, or (inpainting) whose mask is null, unreadable,
+of another size or empty, stops the job naming the file (`generate.on_bad_image: error`), or with
+`skip` its copies are left out, logged, and listed in the shard's metadata `skipped` ({image_id:
+reason}). Skipping changes no other image's seed, strength, shard or pixels.
+
 Each SDEdit row reproduces with stock diffusers:
 `StableDiffusionImg2ImgPipeline(image=source.resize((R, R)), prompt=prompt, strength=strength,
 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -401,6 +406,12 @@ class _Sources:
             self.images[item.image_id] = image
         return image
 
+    def load(self, item: WorkItem) -> None:
+        """Decode, encode and (inpainting) read the mask of `item`'s source now; PipelineError if it is bad."""
+        self.latent_dist(item)
+        if self.method.region is not None:
+            self.region(item)
+
     def latent_dist(self, item: WorkItem):
         if item.image_id not in self.latents:
             self.latents[item.image_id] = sdedit.encode_source(self.pipe, self.image(item), self.resolution)
@@ -409,6 +420,11 @@ class _Sources:
     def region(self, item: WorkItem) -> np.ndarray:
         """Boolean [H,W] map of the part of the source the method re-generates."""
         if item.image_id not in self.regions:
+            if item.mask_path is None:
+                raise PipelineError(
+                    f"image {item.image_id!r} has no mask (mask_path null). Expected a mask: this method "
+                    f"re-generates only the {self.method.region}."
+                )
             obj = object_region(item.mask_path, item.image_id, self.image(item).size, self.mask_dilation)
             self.regions[item.image_id] = obj if self.method.region == "object" else ~obj
         return self.regions[item.image_id]
@@ -537,7 +553,8 @@ def generate_shard(
     _check_arguments(config, method, tokens_dir, shard, num_shards)
     generate = config["generate"]
     rows = _read_subset(subset_path)
-    _check_masks(subset_path, method, rows)
+    if generate["on_bad_image"] == "error":
+        _check_masks(subset_path, method, rows)  # before the model loads; with skip, per image as it loads
     items = plan_items(config, method, rows)
     mine = shard_items(items, shard, num_shards)
 
@@ -558,7 +575,9 @@ def generate_shard(
         generated = _generate_items(config, method, tokens_dir, todo, partial_dir, len(tables), device, dtype, desc)
     parts = sorted(partial_dir.glob("part-*.parquet"))
     tables = [read_parquet(part) for part in parts]
-    resamples = {sid: n for part in parts for sid, n in read_metadata(part)["resamples"].items()}
+    metadata = [read_metadata(part) for part in parts]
+    resamples = {sid: n for meta in metadata for sid, n in meta["resamples"].items()}
+    skipped = {image_id: reason for meta in metadata for image_id, reason in meta.get("skipped", {}).items()}
     seconds = time.perf_counter() - start
 
     table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
@@ -568,7 +587,12 @@ def generate_shard(
     # with no batch, when there are fewer batches than shards).
     table = table.take(pa.array(sorted(range(table.num_rows), key=lambda i: order[ids[i]]), type=pa.int64()))
     # Images re-drawn because the safety checker flagged them: synthetic_id -> re-draws.
-    write_parquet(out_path, table, metadata={**provenance, "resamples": dict(sorted(resamples.items()))})
+    # Source images left out by generate.on_bad_image: skip: image_id -> why.
+    write_parquet(
+        out_path,
+        table,
+        metadata={**provenance, "resamples": dict(sorted(resamples.items())), "skipped": dict(sorted(skipped.items()))},
+    )
     shutil.rmtree(partial_dir)
 
     summary = {
@@ -581,12 +605,16 @@ def generate_shard(
         "resampled": len(resamples),
         "nsfw": sum(1 for flag in table.column("nsfw").to_pylist() if flag),
         "resumed": len(done),
+        "skipped_sources": len(skipped),
+        "skipped_images": sum(1 for item in mine if item.image_id in skipped),
         "seconds": round(seconds, 3),
         "images_per_s": round(generated / seconds, 3) if generated else 0.0,
     }
     log.info(
-        "generate %s shard %d/%d: %d images in %s (%d generated in %.1fs, %.2f images/s; %d resumed)",
+        "generate %s shard %d/%d: %d images in %s (%d generated in %.1fs, %.2f images/s; %d resumed; "
+        "%d source images skipped)",
         method, shard, num_shards, table.num_rows, out_path, generated, seconds, summary["images_per_s"], len(done),
+        len(skipped),
     )  # fmt: skip
     return summary
 
@@ -606,6 +634,9 @@ def _generate_items(config, method_name, tokens_dir, items, partial_dir, first_p
 
     pending: list[dict] = []
     resamples: dict[str, int] = {}
+    skipped: dict[str, str] = {}  # this part's bad sources; `bad` holds all of this run's
+    bad: dict[str, str] = {}
+    made = 0
     part = first_part
     with torch.inference_mode(), sdedit.batch_invariant_kernels(device):
         prompt_embeds = {key: sdedit.encode_prompt(pipe, prompt) for key, prompt in prompts.items()}
@@ -616,7 +647,12 @@ def _generate_items(config, method_name, tokens_dir, items, partial_dir, first_p
             return _run_batch(pipe, method, batch, sources, prompt_embeds, negative_embeds, config)
 
         for count, batch in enumerate(progress(batches, len(batches), desc), 1):
-            if checker is None:
+            if method.from_source:
+                batch = _loadable(batch, sources, bad, skipped, generate["on_bad_image"])
+            made += len(batch)
+            if not batch:
+                outcomes = []
+            elif checker is None:
                 outcomes = [Outcome(item, image, None, 0) for item, image in zip(batch, make(batch))]
             else:
                 outcomes = _checked(batch, make, checker, config, method_name)
@@ -624,9 +660,32 @@ def _generate_items(config, method_name, tokens_dir, items, partial_dir, first_p
             resamples.update((o.item.synthetic_id, o.resamples) for o in outcomes if o.resamples)
             if count % generate["flush_every"] == 0 or count == len(batches):
                 table = pa.Table.from_pylist(pending, schema=SHARD_SCHEMA)
-                write_parquet(partial_dir / f"part-{part:05d}.parquet", table, metadata={"resamples": resamples})
-                pending, resamples, part = [], {}, part + 1
-    return len(items)
+                metadata = {"resamples": resamples, "skipped": skipped}
+                write_parquet(partial_dir / f"part-{part:05d}.parquet", table, metadata=metadata)
+                pending, resamples, skipped, part = [], {}, {}, part + 1
+    return made
+
+
+def _loadable(batch: list[WorkItem], sources: _Sources, bad: dict, skipped: dict, on_bad_image: str) -> list[WorkItem]:
+    """The items of `batch` whose source (and, for inpainting, mask) loads.
+
+    A source that fails stops the job (on_bad_image "error"), or (on "skip") is logged once and
+    recorded in `bad` and in `skipped`, the part's record, as image_id -> reason.
+    """
+    kept = []
+    for item in batch:
+        if item.image_id in bad:
+            continue
+        try:
+            sources.load(item)
+        except PipelineError as exc:
+            if on_bad_image == "error":
+                raise PipelineError(f"{exc} (set generate.on_bad_image: skip to leave such images out)") from None
+            log.warning("skipping source image %r and its synthetic copies: %s", item.image_id, exc)
+            bad[item.image_id] = skipped[item.image_id] = str(exc)
+            continue
+        kept.append(item)
+    return kept
 
 
 EXPORT_INDEX = "images.csv"

@@ -259,9 +259,55 @@ def test_undecodable_source_is_named(model_dir, subset, tmp_path):
            "mask_path": None, "width": 8, "height": 8}  # fmt: skip
     bad_subset = broken / "subset.parquet"
     write_parquet(bad_subset, manifest_table([row]), {"dataset_root": str(broken), "mask_root": None, "classes": CLASSES})
-    with pytest.raises(PipelineError, match="bad.png"):
+    with pytest.raises(PipelineError, match="bad.png.*on_bad_image: skip"):
         generate_shard(make_config(model_dir), bad_subset, None, "real-guidance", 0, 1, tmp_path / "c.parquet")
     assert not (tmp_path / "c.parquet").exists()
+
+
+def subset_with_bad_sources(subset: Path, root: Path, bad_rows: list[dict]) -> Path:
+    """`subset`'s images copied under `root`, plus `bad_rows` (paths relative to `root`)."""
+    rows, _ = read_manifest(subset)
+    for row in rows:
+        shutil.copy(Path(row["path"]), root / Path(row["path"]).name)
+        if row["mask_path"] is not None:
+            shutil.copy(Path(row["mask_path"]), root / Path(row["mask_path"]).name)
+    good = [{**row, "path": Path(row["path"]).name,
+             "mask_path": row["mask_path"] and Path(row["mask_path"]).name} for row in rows]  # fmt: skip
+    path = root / "subset.parquet"
+    write_parquet(path, manifest_table(good + bad_rows), {"dataset_root": str(root), "mask_root": None, "classes": CLASSES})
+    return path
+
+
+def test_skipped_sources_are_listed_and_change_no_other_image(rows, model_dir, subset, tokens_dir, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG truncated")
+    bad = {"image_id": "img-bad", "path": "bad.png", "split": "train", "label": 1, "class_name": "dog house",
+           "mask_path": None, "width": 8, "height": 8}  # fmt: skip
+    with_bad = subset_with_bad_sources(subset, tmp_path, [bad])
+    config = make_config(model_dir, on_bad_image="skip")
+    shards = [tmp_path / f"shard-{i}-of-2.parquet" for i in range(2)]
+    summaries = [generate_shard(config, with_bad, tokens_dir, "dafusion", i, 2, path) for i, path in enumerate(shards)]
+
+    got = sorted(read_shards(shards), key=lambda row: row["synthetic_id"])
+    assert [row["synthetic_id"] for row in got] == [row["synthetic_id"] for row in rows]
+    assert [row["image"] for row in got] == [row["image"] for row in rows]
+    # Both copies of img-bad fall in some shard; that shard names the file and why.
+    reasons = {image_id: reason for path in shards for image_id, reason in read_metadata(path)["skipped"].items()}
+    assert list(reasons) == ["img-bad"] and "bad.png" in reasons["img-bad"] and "not an image" in reasons["img-bad"]
+    assert sum(s["skipped_images"] for s in summaries) == 2
+    assert sum(s["images"] for s in summaries) == len(rows)
+
+
+def test_inpainting_skips_an_image_without_mask(model_dir, masked_subset, tokens_dir, tmp_path):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "red.png")
+    no_mask = {"image_id": "red", "path": "red.png", "split": "train", "label": 0, "class_name": "cat",
+               "mask_path": None, "width": 16, "height": 16}  # fmt: skip
+    with_bad = subset_with_bad_sources(masked_subset, tmp_path, [no_mask])
+    out = tmp_path / "fg.parquet"
+    summary = generate_shard(make_config(model_dir, num_per_image=1, on_bad_image="skip"), with_bad, tokens_dir,
+                             "inpaint-fg", 0, 1, out)  # fmt: skip
+    assert sorted(row["image_id"] for row in read_shards([out])) == sorted(s[0] for s in SOURCES)
+    assert list(read_metadata(out)["skipped"]) == ["red"] and "mask_path null" in read_metadata(out)["skipped"]["red"]
+    assert summary["skipped_sources"] == 1 and summary["images"] == len(SOURCES)
 
 
 def test_txt2img_rows_shards_and_stock_text_to_image(model_dir, subset, tmp_path):
