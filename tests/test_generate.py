@@ -222,6 +222,34 @@ def test_resume_after_crash_gives_the_same_shard(one_shard, model_dir, subset, t
     assert read_metadata(out) == read_metadata(one_shard)
 
 
+def test_an_encoding_error_in_the_background_stops_the_job(model_dir, subset, tokens_dir, tmp_path, monkeypatch):
+    """Rows are encoded and written on a background thread: its errors must still reach the caller."""
+    from pipeline import generate
+
+    real_encode = generate.encode_png
+    encoded = []
+
+    def fail_on_fifth_image(image):
+        encoded.append(1)
+        if len(encoded) == 5:
+            raise OSError("disk full")
+        return real_encode(image)
+
+    monkeypatch.setattr(generate, "encode_png", fail_on_fifth_image)
+    out = tmp_path / "shard-0-of-1.parquet"
+    with pytest.raises(OSError, match="disk full"):
+        generate_shard(make_config(model_dir), subset, tokens_dir, "dafusion", 0, 1, out)
+    assert not out.exists()
+    # The parts (one batch each: flush_every 1) encoded before the failing image were written, and
+    # no part after it: a rerun resumes after them.
+    items = plan_items(make_config(model_dir), "dafusion", read_manifest(subset)[0])
+    sizes = [len(batch) for batch in plan_batches(items, 4)]
+    complete = sum(1 for i in range(len(sizes)) if sum(sizes[: i + 1]) < 5)
+    assert 0 < complete < len(sizes)
+    parts = sorted(tmp_path.glob("shard-0-of-1.parquet.partial/part-*.parquet"))
+    assert [part.name for part in parts] == [f"part-{i:05d}.parquet" for i in range(complete)]
+
+
 def test_stale_partial_from_another_run_is_discarded(model_dir, subset, tokens_dir, tmp_path):
     out = tmp_path / "shard.parquet"
     stale = tmp_path / "shard.parquet.partial"
