@@ -6,8 +6,12 @@ one at a time as in `generate`), after one warm-up call at batch 1. Prints a Mar
 BENCHMARKS.md, then the batch size `generate.batch_size: auto` chooses on this GPU and how long
 its probe took.
 
-    python benchmarks/bench_generate_memory.py [--model CompVis/stable-diffusion-v1-4] [--resolution 512] \
+    python benchmarks/bench_generate_memory.py [--model random-sd1] [--resolution 512] \
         [--dtype float16] [--steps 10] [--batch-sizes 1 2 4 8 16 32 64]
+
+The default model, `random-sd1`, is a randomly initialised SD 1.x of the real size built on the
+GPU first (memory and speed do not depend on weight values, and it needs no download); give a
+checkpoint folder or hub id to measure that instead.
 
 Needs a CUDA GPU (peak memory is read from the CUDA allocator); elsewhere it says so and exits.
 """
@@ -16,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 
 import torch
 
 from pipeline import sdedit
 from pipeline.generate import AUTO_BATCH_LIMIT, largest_fitting_batch
+from pipeline.tiny_sd import RANDOM_SD1, benchmark_checkpoint
 
 GIB = 1024**3
 
@@ -42,28 +48,15 @@ def run_batch(pipe, batch_size: int, resolution: int, steps: int, guidance_scale
     return time.perf_counter() - start
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="diffusers checkpoint folder or hub id")
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--steps", type=int, default=10, help="scheduled steps per call (all run at strength 1)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    args = parser.parse_args()
-
-    if not torch.cuda.is_available():
-        print("bench_generate_memory: no CUDA device visible to torch; peak GPU memory cannot be measured here. "
-              "Run it on a machine with an NVIDIA GPU.")  # fmt: skip
-        return 0
-
-    device = torch.device("cuda", 0)
+def measure(model: str, device: torch.device, args: argparse.Namespace) -> None:
+    """Print the table of peak memory and rate per batch size, then what `batch_size: auto` picks."""
     dtype = getattr(torch, args.dtype)
     generate = {"scheduler": "default", "channels_last": False, "compile": False}
-    pipe = sdedit.load_img2img({"id": args.model}, generate, device, dtype)
+    pipe = sdedit.load_img2img({"id": model}, generate, device, dtype)
     total = torch.cuda.get_device_properties(device).total_memory
+    weights = torch.cuda.memory_allocated(device)
     print(f"{torch.cuda.get_device_name(device)} ({total / GIB:.1f} GiB), {args.model}, {args.resolution} px, {args.dtype}, "
-          f"{args.steps} steps, guidance {args.guidance_scale}")  # fmt: skip
+          f"{args.steps} steps, guidance {args.guidance_scale}; the loaded pipeline holds {weights / GIB:.2f} GiB")  # fmt: skip
 
     with torch.inference_mode():
         run_batch(pipe, 1, args.resolution, 1, args.guidance_scale)  # warm-up: kernels, allocator
@@ -83,6 +76,28 @@ def main() -> int:
     start = time.perf_counter()
     chosen = largest_fitting_batch(lambda b: sdedit.fits_in_memory(pipe, b, args.resolution, guided), AUTO_BATCH_LIMIT)
     print(f"\nbatch_size auto: {chosen} (limit {AUTO_BATCH_LIMIT}; probe took {time.perf_counter() - start:.1f} s)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=RANDOM_SD1,
+                        help=f"diffusers checkpoint folder or hub id, or {RANDOM_SD1} (a random full-size SD 1.x built here)")  # fmt: skip
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--steps", type=int, default=10, help="scheduled steps per call (all run at strength 1)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        print("bench_generate_memory: no CUDA device visible to torch; peak GPU memory cannot be measured here. "
+              "Run it on a machine with an NVIDIA GPU.")  # fmt: skip
+        return 0
+
+    device = torch.device("cuda", 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = benchmark_checkpoint(args.model, tmp, args.resolution, device, getattr(torch, args.dtype))
+        measure(model, device, args)
     return 0
 
 

@@ -5,10 +5,11 @@ reference adapts): every step decodes and resizes the images, VAE-encodes them, 
 fp32 and updates the whole token-embedding matrix with AdamW before restoring the old rows.
 Ours encodes latents once, trains only the new rows, and uses half precision on CUDA.
 
-    python benchmarks/bench_invert.py [--model DIR] [--resolution 64] [--steps 20] [--batch-size 4]
+    python benchmarks/bench_invert.py [--model DIR] [--device auto] [--resolution 64] [--steps 20] [--batch-size 4]
 
-Without --model it builds the tiny random Stable Diffusion. Prints one markdown table (best of
---repeats alternating runs of each loop).
+Without --model it builds the tiny random Stable Diffusion; `--model random-sd1` builds a randomly
+initialised SD 1.x of the real size (float32, as the real checkpoints are stored). Prints one
+markdown table (best of --repeats alternating runs of each loop).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from PIL import Image
 from pipeline import invert as inv
 from pipeline.config import validate_config
 from pipeline.device import resolve_device, resolve_dtype
-from pipeline.tiny_sd import build_tiny_sd
+from pipeline.tiny_sd import RANDOM_SD1, benchmark_checkpoint
 
 CLASSES = ["zero", "one"]
 IMAGES_PER_CLASS = 4
@@ -118,19 +119,22 @@ def straightforward(model: str, paths: dict[str, list[Path]], config: dict, devi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="diffusers-format Stable Diffusion folder or hub id (default: build the tiny one)")
+    parser.add_argument("--model", help=f"diffusers-format Stable Diffusion folder or hub id, or {RANDOM_SD1} "
+                        "(a random full-size SD 1.x built here); default: build the tiny one")  # fmt: skip
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if available")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="alternate the two loops this many times; keep the best of each")
     args = parser.parse_args()
-    device = resolve_device("auto")
+    device = resolve_device(args.device)
     config = validate_config(
         {"model": {"resolution": args.resolution},
          "invert": {"steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": 0, "templates": [TEMPLATE]}}
     )
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(build_tiny_sd(Path(tmp) / "tiny-sd", resolution=args.resolution))
+        # float32 on disk: transformers loads the text encoder, which both loops train through, as stored.
+        model = benchmark_checkpoint(args.model, Path(tmp), args.resolution, device, torch.float32)
         paths = write_images(Path(tmp), args.resolution)
         # Warm both code paths once (imports, allocator, kernels), then measure.
         warm = validate_config({**config, "invert": {**config["invert"], "steps": 1}})
