@@ -143,6 +143,32 @@ def largest_difference(mine: dict[str, bytes], theirs: dict[str, bytes]) -> int:
     return max(int(np.abs(pixels(mine[k]) - pixels(theirs[k])).max()) for k in theirs)
 
 
+def unet_seconds_per_row(config: dict, rows_list: list[int], repeats: int = 5) -> dict[int, float]:
+    """{rows: seconds per row of one UNet call on that many rows (best of `repeats`)}, in generate's kernel context.
+
+    The UNet is where nearly all the time of both paths goes, so the ratio of its cost per row at the
+    reference's two rows (one image, both guidance halves) to that at ours bounds what batching can gain.
+    """
+    device = torch.device(config["device"])
+    pipe = sdedit.load_img2img(config["model"], config["generate"], device, resolve_dtype(config["model"]["dtype"], device))
+    unet, side = pipe.unet, config["model"]["resolution"] // pipe.vae_scale_factor
+    seconds = {}
+    with torch.inference_mode(), sdedit.batch_invariant_kernels(device):
+        for rows in rows_list:
+            latents = torch.randn(rows, unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(rows))
+            latents = latents.to(device, unet.dtype)
+            text = torch.zeros(rows, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+            best = float("inf")
+            for _ in range(repeats + 1):  # the first call warms up
+                synchronize(device)
+                start = time.perf_counter()
+                unet(latents, 500, encoder_hidden_states=text)
+                synchronize(device)
+                best = min(best, time.perf_counter() - start)
+            seconds[rows] = best / rows
+    return seconds
+
+
 def batch_size_arg(value: str) -> int | str:
     """A batch size: a positive number or `auto` (what generate.batch_size takes)."""
     if value == "auto":
@@ -190,6 +216,8 @@ def main() -> None:
         load_s = load_seconds(config)
         runs = {batch_size: timed(lambda: ours(config, subset, tokens_dir, root, batch_size)) for batch_size in args.batch_size}
         reference_s, theirs = timed(lambda: reference(config, subset, tokens_dir, args.reference_images))
+        batch_sizes = sorted(b for b in args.batch_size if b != "auto")
+        per_row = unet_seconds_per_row(config, [2] + [2 * b for b in batch_sizes])
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     strength = args.strength if args.strength is not None else "drawn from {0.25, 0.5, 0.75, 1}"
@@ -205,6 +233,11 @@ def main() -> None:
         rate = count / (seconds - load_s)
         print(f"| ours: generate_shard | {batch_size} | {count} | {seconds:.2f} | {count / seconds:.2f} | {rate:.2f} "
               f"| {rate / reference_rate:.2f}x | {largest_difference(images, theirs)} |")  # fmt: skip
+    # The UNet is nearly all of both paths' time: what batching gains on it bounds the speed-up.
+    print("\n| UNet call | rows | ms per row (best of 5) | gain per row over the reference's |\n|---|---:|---:|---:|")
+    for rows, seconds in per_row.items():
+        who = "reference (one image, both guidance halves)" if rows == 2 else f"ours at batch size {rows // 2}"
+        print(f"| {who} | {rows} | {1000 * seconds:.2f} | {per_row[2] / seconds:.2f}x |")
     if args.target is not None:
         # Judged without the load: a real shard spreads one load over thousands of images.
         best, (seconds, _) = min(runs.items(), key=lambda run: run[1][0])

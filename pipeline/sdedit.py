@@ -109,16 +109,18 @@ def batch_invariant_kernels(device: torch.device):
     """Within: on CPU, each image of a UNet or VAE batch gets the bits it would get alone.
 
     oneDNN picks its convolution algorithm (and so its summation order) by tensor shape, batch
-    included, which moved pixels of the tiny test model by up to two levels between batch sizes.
-    PyTorch's own convolution (im2col and one matmul per image) does not depend on the batch, and
-    measured no slower on a 3-level UNet at 256 px. With `_embed_shared_timestep_once` and the
-    one-image VAE decode that `load_img2img` sets, batching is then invisible in the output. GPU
-    kernels keep their batch-dependent choices: there batching changes pixels by float rounding only.
+    included, which moved pixels of the tiny test model by up to two levels between batch sizes;
+    without oneDNN, PyTorch switches to NNPACK's convolution from a batch of 16 rows on (8 images
+    with guidance), which sums in another order again. Its own convolution (im2col and one matmul
+    per image) does not depend on the batch, and measured no slower than either on the tiny UNet
+    (BENCHMARKS.md). With `_embed_shared_timestep_once` and the one-image VAE decode that
+    `load_img2img` sets, batching is then invisible in the output. GPU kernels keep their
+    batch-dependent choices: there batching changes pixels by float rounding only.
     """
     if device.type != "cpu":
         yield
         return
-    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None, fp32_precision=None):
+    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None, fp32_precision=None), torch.backends.nnpack.flags(False):
         yield
 
 

@@ -182,6 +182,16 @@ def test_batch_size_one_gives_the_same_shard_and_stock_img2img(rows, model_dir, 
     np.testing.assert_array_equal(pixels(row), np.asarray(reference, dtype=np.int16))
 
 
+def test_sixteen_unet_rows_give_the_bytes_of_one(model_dir, subset, tokens_dir, tmp_path):
+    """At 16 rows (8 images with guidance) PyTorch would move CPU convolutions to NNPACK, which sums in
+    another order than at fewer rows: the batch-invariant context must keep the bytes all the same."""
+    batched = make_config(model_dir, strength=0.5, batch_size=8)  # one strength: all 8 copies in one batch
+    assert [len(b) for b in plan_batches(plan_items(batched, "dafusion", read_manifest(subset)[0]), 8)] == [8]
+    eight = run(batched, subset, tokens_dir, tmp_path / "eight")
+    one = run(make_config(model_dir, strength=0.5, batch_size=1), subset, tokens_dir, tmp_path / "one")
+    assert [row["image"] for row in eight] == [row["image"] for row in one]
+
+
 def test_real_guidance_and_class_agnostic_strengths_and_prompts(model_dir, subset, tmp_path):
     # A fixed generate.strength applies to class-agnostic; real-guidance keeps its own t0 = 0.5.
     # Guidance scale 1 also covers the unguided path (no unconditional half).
