@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--model", default=None,
                         help=f"diffusers checkpoint (hub id or folder), or {RANDOM_SD1} for a random full-size SD 1.x; "
                         "default: a tiny random one")  # fmt: skip
+    parser.add_argument("--channels-last", action="store_true",
+                        help="generate.channels_last: UNet and VAE weights channels-last, for both paths")  # fmt: skip
     parser.add_argument("--target", type=float, default=None, help="images/s ours should reach; says whether it did")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -209,7 +211,8 @@ def main() -> None:
                 "seed": 0,
                 "device": args.device,
                 "model": {"id": model, "resolution": args.resolution, "dtype": args.dtype},
-                "generate": {"num_per_image": args.per_image, "num_inference_steps": args.steps, "strength": args.strength},
+                "generate": {"num_per_image": args.per_image, "num_inference_steps": args.steps, "strength": args.strength,
+                             "channels_last": args.channels_last},
             }
         )
         count = args.images * args.per_image
@@ -222,7 +225,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     strength = args.strength if args.strength is not None else "drawn from {0.25, 0.5, 0.75, 1}"
     print(f"{count} images ({args.images} sources x {args.per_image}), {args.resolution}px {args.model or 'tiny SD'}, "
-          f"{args.steps} steps, strength {strength}, guidance 7.5, {where}, dtype {args.dtype}; one load of the model: {load_s:.2f} s\n")  # fmt: skip
+          f"{args.steps} steps, strength {strength}, guidance 7.5, {where}, dtype {args.dtype}{', channels-last' if args.channels_last else ''}; one load of the model: {load_s:.2f} s\n")  # fmt: skip
     # The speed-up compares rates without the load, which the two paths may spread over different counts.
     print("| path | batch size | images | seconds | images/s | images/s without one load | speed-up | largest pixel difference |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

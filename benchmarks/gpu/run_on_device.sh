@@ -7,9 +7,9 @@
 #     run  command: bash benchmarks/gpu/run_on_device.sh
 #          carry:   [".gpu-carry"]
 #          timeout_s: 540
-# Everything comes back under $OUT (7 files): summary.md (every table, and which step did what),
-# environment.txt (nvidia-smi, versions), and the stderr of each step: build.log, generate-float16.log,
-# memory-float16.log, generate-bfloat16.log, invert.log.
+# Everything comes back under $OUT (8 files, the most the tool returns): summary.md (every table, and
+# which step did what), environment.txt (nvidia-smi, versions), and the stderr of each step: build.log,
+# generate-float16.log, memory-float16.log, generate-bfloat16.log, invert.log, generate-channels-last.log.
 #
 # Smoke run here, on CPU (64 px, 2 scheduled steps, 2 images, the full-size model; Python sees only the
 # GPU machine's packages plus the carried ones, through device_site/sitecustomize.py):
@@ -31,7 +31,8 @@
 #   memory float16: batch 1..64 at 10 steps, then the batch_size auto probe           ~40 s   limit 120 s
 #   generate bfloat16: ours at batch 16 and 64, reference 8 images                    ~60 s   limit 120 s
 #   invert: 512 px, batch 4, 10 steps of each loop, 1 repeat, 4 loads                 ~50 s   limit 120 s
-# about 5 minutes in all.
+#   generate float16 channels-last (generate.channels_last), as bfloat16's sizes, if the budget allows   ~60 s   limit 120 s
+# about 6 minutes in all.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -140,6 +141,11 @@ step "generate bfloat16 (t0 0.5, $steps steps, $resolution px)" "$limit_bf16" "g
 step "textual inversion steps/s ($resolution px, batch $invert_batch)" "$limit_invert" invert.log \
     "$python" benchmarks/bench_invert.py --device "$device" --model "$model" --resolution "$resolution" \
     --steps "$invert_steps" --batch-size "$invert_batch" --repeats 1
+# shellcheck disable=SC2086
+step "generate float16 channels-last (t0 0.5, $steps steps, $resolution px)" "$limit_bf16" "generate-channels-last.log" \
+    "$python" benchmarks/bench_generate.py --device "$device" --dtype float16 --channels-last --model "$model" \
+    --resolution "$resolution" --steps "$steps" --strength 0.5 --images "$images" --per-image "$per_image" \
+    --batch-size $bf16_batches --reference-images "$bf16_reference_images" --target 9 --threads "$threads"
 
 {
     printf '\n## Steps\n\n| step | status | seconds |\n|---|---|---:|\n'
