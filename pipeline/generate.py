@@ -636,8 +636,7 @@ def _generate_items(config, method_name, tokens_dir, items, partial_dir, first_p
     sources = _Sources(pipe, config["model"]["resolution"], method, generate["mask_dilation"])
 
     resamples: dict[str, int] = {}
-    skipped: dict[str, str] = {}  # this part's bad sources; `bad` holds all of this run's
-    bad: dict[str, str] = {}
+    bad: dict[str, str] = {}  # sources skipped so far: image_id -> why
     made = 0
     parts = _BackgroundParts(partial_dir, first_part)
     with parts, torch.inference_mode(), sdedit.batch_invariant_kernels(device):
@@ -650,7 +649,7 @@ def _generate_items(config, method_name, tokens_dir, items, partial_dir, first_p
 
         for count, batch in enumerate(progress(batches, len(batches), desc), 1):
             if method.from_source:
-                batch = _loadable(batch, sources, bad, skipped, generate["on_bad_image"])
+                batch = _loadable(batch, sources, bad, generate["on_bad_image"])
             made += len(batch)
             if not batch:
                 outcomes = []
@@ -661,8 +660,9 @@ def _generate_items(config, method_name, tokens_dir, items, partial_dir, first_p
             parts.add(functools.partial(_rows, outcomes, prompts, method_name, config))
             resamples.update((o.item.synthetic_id, o.resamples) for o in outcomes if o.resamples)
             if count % generate["flush_every"] == 0 or count == len(batches):
-                parts.flush({"resamples": resamples, "skipped": skipped})
-                resamples, skipped = {}, {}
+                # Every part lists all skips so far: the merged record is the same, whichever parts survive.
+                parts.flush({"resamples": resamples, "skipped": dict(bad)})
+                resamples = {}
     return made
 
 
@@ -728,11 +728,11 @@ class _BackgroundParts:
             self._raise_error()
 
 
-def _loadable(batch: list[WorkItem], sources: _Sources, bad: dict, skipped: dict, on_bad_image: str) -> list[WorkItem]:
+def _loadable(batch: list[WorkItem], sources: _Sources, bad: dict[str, str], on_bad_image: str) -> list[WorkItem]:
     """The items of `batch` whose source (and, for inpainting, mask) loads.
 
     A source that fails stops the job (on_bad_image "error"), or (on "skip") is logged once and
-    recorded in `bad` and in `skipped`, the part's record, as image_id -> reason.
+    recorded in `bad` as image_id -> reason.
     """
     kept = []
     for item in batch:
@@ -744,7 +744,7 @@ def _loadable(batch: list[WorkItem], sources: _Sources, bad: dict, skipped: dict
             if on_bad_image == "error":
                 raise PipelineError(f"{exc} (set generate.on_bad_image: skip to leave such images out)") from None
             log.warning("skipping source image %r and its synthetic copies: %s", item.image_id, exc)
-            bad[item.image_id] = skipped[item.image_id] = str(exc)
+            bad[item.image_id] = str(exc)
             continue
         kept.append(item)
     return kept

@@ -120,7 +120,8 @@ def batch_invariant_kernels(device: torch.device):
     if device.type != "cpu":
         yield
         return
-    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None, fp32_precision=None), torch.backends.nnpack.flags(False):
+    no_onednn = torch.backends.mkldnn.flags(enabled=False, allow_tf32=None, fp32_precision=None)
+    with no_onednn, torch.backends.nnpack.flags(enabled=False):
         yield
 
 
