@@ -32,10 +32,10 @@ import torch
 from PIL import Image
 from transformers import CLIPTextConfig
 
-from pipeline import sdedit
+from pipeline import PipelineError, sdedit
 from pipeline.config import validate_config
 from pipeline.device import resolve_dtype
-from pipeline.generate import METHODS, generate_shard, plan_items
+from pipeline.generate import METHODS, check_denoising_steps, generate_shard, plan_items
 from pipeline.io import encode_png, write_parquet
 from pipeline.manifest import manifest_table, read_manifest, read_shards
 from pipeline.tiny_sd import RANDOM_SD1, benchmark_checkpoint
@@ -200,6 +200,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # Before a model is built (minutes for random-sd1): settings whose lowest strength runs no step.
+    settings = {"num_per_image": args.per_image, "num_inference_steps": args.steps, "strength": args.strength,
+                "channels_last": args.channels_last}  # fmt: skip
+    try:
+        check_denoising_steps(validate_config({"generate": settings}), "dafusion")
+    except PipelineError as exc:
+        parser.error(str(exc))
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -211,8 +218,7 @@ def main() -> None:
                 "seed": 0,
                 "device": args.device,
                 "model": {"id": model, "resolution": args.resolution, "dtype": args.dtype},
-                "generate": {"num_per_image": args.per_image, "num_inference_steps": args.steps, "strength": args.strength,
-                             "channels_last": args.channels_last},
+                "generate": settings,
             }
         )
         count = args.images * args.per_image

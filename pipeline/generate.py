@@ -308,6 +308,11 @@ def _check_arguments(config: dict, method_name: str, tokens_dir: Path | None, sh
                     f"generate.txt2img_templates[{i}] {template!r} has no '{{}}'. Expected a place for the class name."
                 )
         return
+    check_denoising_steps(config, method_name)
+
+
+def check_denoising_steps(config: dict, method_name: str) -> None:
+    """Refuse settings where the lowest strength the method draws runs no denoising step."""
     steps = config["generate"]["num_inference_steps"]
     k = config["generate"]["num_intensities"]
     fixed = fixed_strength(config, method_name)

@@ -1,0 +1,71 @@
+"""The benchmark scripts, at the smallest settings on CPU: they are what a session with a lent GPU
+runs in its few minutes (benchmarks/gpu/run_on_device.sh), so they must not break unseen here.
+Each runs as a user runs it, in a subprocess with a bounded wait."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_benchmark(script: str, *args: str, timeout_s: int = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "benchmarks" / script), *args]
+    try:
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{script} {' '.join(args)} did not finish within {timeout_s} s; stderr so far:\n{exc.stderr}")
+
+
+def table_rows(stdout: str, first_cell: str) -> list[list[str]]:
+    """The cells of the Markdown table rows whose first cell starts with `first_cell`."""
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in stdout.splitlines() if line.startswith("|")]
+    return [row for row in rows if row[0].startswith(first_cell)]
+
+
+def test_bench_generate_gives_the_references_bytes_and_judges_the_target():
+    done = run_benchmark("bench_generate.py", "--images", "2", "--per-image", "2", "--steps", "4",
+                         "--batch-size", "2", "4", "--resolution", "32", "--target", "0.01")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = table_rows(done.stdout, "ours: generate_shard")
+    assert [row[1] for row in ours] == ["2", "4"]
+    assert all(row[2] == "4" and row[-1] == "0" for row in ours), f"ours must equal the reference byte for byte: {ours}"
+    assert float(table_rows(done.stdout, "reference: 1 img2img")[0][4]) > 0
+    assert [row[1] for row in table_rows(done.stdout, "ours at batch size")] == ["4", "8"]
+    assert re.search(r"target 0.01 images/s: met: best [0-9.]+ images/s", done.stdout), done.stdout
+
+
+def test_bench_generate_refuses_settings_that_run_no_step_before_building_a_model():
+    done = run_benchmark("bench_generate.py", "--steps", "2", "--model", "random-sd1", timeout_s=60)
+    assert done.returncode == 2
+    assert "num_inference_steps=2 at strength 0.25 runs no denoising step" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bench_invert_times_both_loops():
+    done = run_benchmark("bench_invert.py", "--device", "cpu", "--steps", "2", "--batch-size", "1", "--resolution", "32",
+                         "--repeats", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = table_rows(done.stdout, "tiny random SD")
+    straightforward, ours = float(row[5]), float(row[6])
+    assert straightforward > 0 and ours > 0 and row[7] == f"{ours / straightforward:.2f}x"
+
+
+def test_bench_fid_measures_the_host_side_per_thread_count():
+    done = run_benchmark("bench_fid.py", "--sizes", "64", "--batch-sizes", "2", "--images", "2", "--host-images", "8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    host = table_rows(done.stdout, "64x64 PNG")
+    assert host and all(float(row[-1]) > 0 for row in host)
+    assert [row[0] for row in table_rows(done.stdout, "3000")] == ["3000"]
+
+
+def test_bench_generate_memory_says_it_needs_a_gpu():
+    done = run_benchmark("bench_generate_memory.py", timeout_s=60)
+    assert "no CUDA device visible" in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
