@@ -3,7 +3,9 @@
   cached: one-time embedding of the pool (each image and its mirror image through the frozen
           backbone), then linear-head steps on the cached features;
   pixels: every draw decoded-once uint8 -> RandAugment -> backbone -> head, per step, through the
-          same plan dataset and DataLoader that training uses.
+          same plan dataset and DataLoader that training uses;
+  decode: the one-time decoding of the pool (512 px PNG bytes -> uint8 at --image-size), on 1 and
+          on --threads threads, as training's loader does it.
 
 Usage: python benchmarks/bench_train.py [--backbone NAME] [--weights imagenet|none] [--image-size 96]
        [--batch-size 32] [--threads N] [--workers W]
@@ -20,12 +22,14 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.augment import image_transform
 from pipeline.backbones import Classifier, build_backbone
 from pipeline.config import validate_config
-from pipeline.train import _PlanDataset, draw_plan, draw_views, standard_angles, train_step
+from pipeline.io import encode_png
+from pipeline.train import _Loader, _PlanDataset, draw_plan, draw_views, standard_angles, train_step
 
 
 def timed(function, repeat: int) -> float:
@@ -50,6 +54,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decode-images", type=int, default=128, help="PNGs in the decode measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -114,6 +119,21 @@ def main() -> None:
     cached_s = 2 * args.pool / embed_images_per_s + steps / head_steps_per_s
     pixel_s = steps * batch / pixel_images_per_s
     print(f"| 10,000 steps over a {args.pool}-image pool: cached vs pixels | {cached_s:.0f} s vs {pixel_s:.0f} s |")
+    for threads, rate in decode_rates(options, args.decode_images, sorted({1, args.threads})).items():
+        print(f"| decode: {args.decode_images} 512 px PNGs to {args.image_size} px, {threads} thread(s) | {rate:.0f} images/s |")
+
+
+def decode_rates(options: dict, count: int, thread_counts: list[int]) -> dict[int, float]:
+    """Images/s of the loader's one-time decode of synthetic rows (512 px PNGs of upsampled noise,
+    which compress about as generated images do), per thread count."""
+    rng = np.random.default_rng(0)
+    small = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(8)]
+    rows = [{"synthetic_id": str(i), "image": encode_png(small[i % 8].resize((512, 512), Image.BICUBIC))} for i in range(count)]
+    rates = {}
+    for threads in thread_counts:
+        loader = _Loader(options, torch.device("cpu"), threads)
+        rates[threads] = count / timed(lambda: sum(len(batch) for batch in loader.batches(rows, "decode")), repeat=2)
+    return rates
 
 
 if __name__ == "__main__":

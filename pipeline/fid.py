@@ -42,7 +42,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ from PIL import Image
 
 from pipeline import PipelineError
 from pipeline.device import resolve_device
-from pipeline.io import atomic_path, decode_image, open_image, threaded_map, write_json
+from pipeline.io import atomic_path, batched, decode_image, open_image, threaded_map, write_json
 from pipeline.manifest import SPLITS, read_manifest, read_shards
 from pipeline.progress import progress
 from pipeline.rng import numpy_rng
@@ -233,21 +233,10 @@ def extract_features(
         torch.inference_mode(),
         threaded_map(lambda item: extractor.to_pixels(load(item)), items, threads, 2 * batch_size) as pixels,
     ):
-        batches = _batches(pixels, batch_size)
+        batches = batched(pixels, batch_size)
         for batch in progress(batches, total=math.ceil(len(items) / batch_size), desc=f"{desc}, batches of {batch_size}"):
             chunks.append(extractor.network(extractor.to_inputs(batch)).float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.empty((0, FEATURE_DIM), np.float32)
-
-
-def _batches(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:

@@ -170,3 +170,15 @@ def threaded_map(fn: Callable[[Item], Result], items: Iterable[Item], threads: i
         yield results()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """Consecutive lists of `size` items, the last one shorter when they do not divide evenly."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -70,7 +70,7 @@ from pipeline import PipelineError
 from pipeline.augment import batch_transform, image_transform, parse_method
 from pipeline.backbones import Classifier, build_backbone
 from pipeline.device import resolve_device
-from pipeline.io import decode_image, open_image, write_json
+from pipeline.io import batched, decode_image, open_image, threaded_map, write_json
 from pipeline.manifest import read_manifest, read_shards
 from pipeline.progress import progress
 from pipeline.rng import derive_seed, numpy_rng
@@ -482,38 +482,31 @@ def drawn_pool(pool: list[dict], plan: TrainingPlan) -> tuple[list[dict], Traini
     return [pool[i] for i in drawn], dataclasses.replace(plan, pool_index=pool_index.astype(np.int64))
 
 
-class _DecodeDataset(Dataset):
-    """Images from files (real) or PNG bytes (synthetic), resized to a square, as uint8 [3, S, S]."""
-
-    def __init__(self, rows: list[dict], size: int):
-        self.rows = rows
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        row = self.rows[index]
-        if "synthetic_id" in row:
-            image = decode_image(row["image"], what=f"synthetic image {row['synthetic_id']}")
-        else:
-            image = open_image(row["path"])
-        image = image.resize((self.size, self.size), Image.BILINEAR)
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+def _decode_row(row: dict, size: int) -> torch.Tensor:
+    """A row's image from its file (real) or PNG bytes (synthetic), resized to a square, as uint8 [3, S, S]."""
+    if "synthetic_id" in row:
+        image = decode_image(row["image"], what=f"synthetic image {row['synthetic_id']}")
+    else:
+        image = open_image(row["path"])
+    image = image.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 class _Loader:
-    """Decodes image rows in parallel batches and turns uint8 batches into model inputs on the device."""
+    """Decodes image rows on the job's threads (PIL releases the GIL) while the caller works on the
+    batch before, and turns uint8 batches into model inputs on the device."""
 
-    def __init__(self, options: dict, device: torch.device):
+    def __init__(self, options: dict, device: torch.device, threads: int | None = None):
         self.size = options["image_size"]
         self.batch_size = options["inference_batch_size"]
-        self.num_workers = options["num_workers"]
+        self.threads = threads or torch.get_num_threads()
         self.device = device
 
     def batches(self, rows: list[dict], desc: str) -> Iterator[torch.Tensor]:
-        loader = DataLoader(_DecodeDataset(rows, self.size), batch_size=self.batch_size, num_workers=self.num_workers)
-        yield from progress(loader, total=len(loader), desc=desc)
+        decode = partial(_decode_row, size=self.size)
+        with threaded_map(decode, rows, self.threads, 2 * self.batch_size) as images:
+            batches = (torch.stack(batch) for batch in batched(images, self.batch_size))
+            yield from progress(batches, total=math.ceil(len(rows) / self.batch_size), desc=desc)
 
     def decode_all(self, rows: list[dict], desc: str) -> torch.Tensor:
         return torch.cat(list(self.batches(rows, desc)))

@@ -532,3 +532,28 @@ def test_subset_with_held_out_images_or_other_trial_is_refused(tmp_path):
     _expect_error(make_config(), subset_path, manifest_path, [], "baseline", tmp_path / "m.json", "trial seed 0", trial_seed=3)
     # the manifest itself as the subset: it holds val and test images
     _expect_error(make_config(), manifest_path, manifest_path, [], "baseline", tmp_path / "m.json", "not from the train split")
+
+
+def test_loader_batches_keep_the_row_order_whatever_the_decode_threads(tmp_path):
+    rows = []
+    for i in range(7):
+        pixels = np.full((12, 20, 3), 30 * i, dtype=np.uint8)
+        if i % 2:
+            rows.append({"synthetic_id": f"s{i}", "image": encode_png(pixels)})
+        else:
+            Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+            rows.append({"path": str(tmp_path / f"{i}.png")})
+    options = {"image_size": SIZE, "inference_batch_size": 3}
+    one, three = ([batch for batch in train_module._Loader(options, torch.device("cpu"), threads).batches(rows, "test")]
+                  for threads in (1, 3))
+    assert [batch.shape for batch in one] == [(3, 3, SIZE, SIZE)] * 2 + [(1, 3, SIZE, SIZE)]
+    assert [batch.dtype for batch in one] == [torch.uint8] * 3
+    assert torch.cat(one)[:, 0, 0, 0].tolist() == [30 * i for i in range(7)]
+    assert all(torch.equal(a, b) for a, b in zip(one, three, strict=True))
+
+
+def test_loader_names_a_synthetic_image_it_cannot_decode():
+    rows = [{"synthetic_id": "dafusion-x-1", "image": b"\x89PNG broken"}]
+    loader = train_module._Loader({"image_size": SIZE, "inference_batch_size": 4}, torch.device("cpu"), 2)
+    with pytest.raises(PipelineError, match="synthetic image dafusion-x-1: cannot decode"):
+        list(loader.batches(rows, "test"))
