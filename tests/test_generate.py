@@ -623,3 +623,21 @@ def test_export_command_line(resampled, tmp_path):
     assert main([*common, "--out", str(tmp_path / "out")]) == 0
     assert len(list((tmp_path / "out").rglob("*.png"))) == 3
     assert main([*common, str(shard), "--out", str(tmp_path / "dup")]) == 2  # the same ids twice
+
+
+@pytest.mark.parametrize("option", ["channels_last", pytest.param("compile", marks=pytest.mark.slow)])
+def test_gpu_speed_options_leave_the_images_as_they_were(option, rows, model_dir, subset, tokens_dir, tmp_path):
+    """`generate.channels_last` and `generate.compile` change kernels, not the images: the same
+    shard within float rounding (a level or two of 255), every row present with its settings."""
+    config = make_config(model_dir, **{option: True})
+    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    if option == "channels_last":
+        conv = pipe.unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    else:
+        assert hasattr(pipe.unet, "_compiled_call_impl") and pipe.unet._compiled_call_impl is not None
+    optioned = run(config, subset, tokens_dir, tmp_path)
+    assert [row["synthetic_id"] for row in optioned] == [row["synthetic_id"] for row in rows]
+    assert [(row["strength"], row["seed"]) for row in optioned] == [(row["strength"], row["seed"]) for row in rows]
+    largest = max(int(np.abs(pixels(a) - pixels(b)).max()) for a, b in zip(optioned, rows))
+    assert largest <= 2, f"{option} moved a pixel by {largest} levels"
