@@ -233,3 +233,34 @@ def test_training_lowers_the_loss_on_a_fixed_image(tiny_model, subset):
 
     before, after = loss_with(initial), loss_with(vectors)
     assert after < before - 1e-3, f"loss {before:.5f} -> {after:.5f}"
+
+
+def test_gradient_checkpointing_trains_the_same_vectors(tiny_model, subset, tmp_path, monkeypatch):
+    """invert.gradient_checkpointing recomputes the UNet's activations in the backward pass instead
+    of keeping them: the gradient reaching the token rows, hence the vectors, must not change."""
+    real_load, resnet_calls = inv.load_components, []
+
+    def counting_load(*args, **kwargs):
+        components = real_load(*args, **kwargs)
+        # A block past the first cross-attention, so on the gradient's path from the loss to the tokens.
+        # Its forward is wrapped, not hooked: PyTorch runs no forward hooks when checkpointing recomputes.
+        resnet = components.unet.up_blocks[0].resnets[0]
+        forward = resnet.forward
+        resnet.forward = lambda *a, **k: resnet_calls.append(1) or forward(*a, **k)
+        return components
+
+    monkeypatch.setattr(inv, "load_components", counting_load)
+    calls = {}
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        resnet_calls.clear()
+        inv.invert_tokens(make_config(tiny_model, steps=3, gradient_checkpointing=checkpointing), subset, tmp_path / name, ["zero"])
+        calls[name] = len(resnet_calls)
+    assert calls["checkpointed"] == 2 * calls["plain"] > 0, f"the backward pass should run each block again: {calls}"
+
+    _, plain = load_token_file(tmp_path / "plain")
+    _, recomputed = load_token_file(tmp_path / "checkpointed")
+    initial = inv.add_class_tokens(real_load(str(tiny_model), torch.device("cpu"), torch.float32), {"zero": "<zero>"}, "the", 1)
+    assert plain.keys() == recomputed.keys()
+    for token in plain:
+        assert not torch.equal(plain[token], initial.reshape(plain[token].shape)), "training moved nothing"
+        assert torch.equal(recomputed[token], plain[token])
