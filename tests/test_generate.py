@@ -182,6 +182,37 @@ def test_batch_size_one_gives_the_same_shard_and_stock_img2img(rows, model_dir, 
     np.testing.assert_array_equal(pixels(row), np.asarray(reference, dtype=np.int16))
 
 
+@pytest.mark.parametrize("scheduler", ["dpm-solver++", "ddim"])
+def test_other_schedulers_match_stock_img2img_at_every_strength(scheduler, model_dir, subset, tokens_dir, tmp_path):
+    """generate.scheduler swaps in DPM-Solver++ (multistep: it keeps the model outputs of earlier
+    steps) or DDIM. Starting part-way down the schedule must pick the step index img2img picks, for
+    every drawn strength, and the batch must still change nothing."""
+    config = make_config(model_dir, scheduler=scheduler, num_inference_steps=8)
+    batched = run(config, subset, tokens_dir, tmp_path / "batched")
+    single = run(make_config(model_dir, scheduler=scheduler, num_inference_steps=8, batch_size=1), subset, tokens_dir,
+                 tmp_path / "single")  # fmt: skip
+    assert [row["image"] for row in batched] == [row["image"] for row in single]
+
+    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    expected_class = {"dpm-solver++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}[scheduler]
+    assert type(pipe.scheduler).__name__ == expected_class
+    add_tokens_to_pipeline(pipe, tokens_dir, CLASSES)
+    square = {row["strength"]: row for row in batched if row["width"] == row["height"] == 64}
+    assert len(square) >= 3, f"the fixture should draw most strengths on square sources, got {sorted(square)}"
+    for strength, row in sorted(square.items()):
+        with sdedit.batch_invariant_kernels(torch.device("cpu")):
+            reference = pipe(
+                image=Image.open(subset.parent / f"{row['image_id']}.png").convert("RGB"),
+                prompt=row["prompt"],
+                strength=strength,
+                num_inference_steps=8,
+                guidance_scale=row["guidance_scale"],
+                generator=torch.Generator().manual_seed(row["seed"]),
+            ).images[0]
+        difference = np.abs(pixels(row) - np.asarray(reference, dtype=np.int16)).max()
+        assert difference == 0, f"{scheduler} at strength {strength}: {difference} levels from stock img2img"
+
+
 def test_sixteen_unet_rows_give_the_bytes_of_one(model_dir, subset, tokens_dir, tmp_path):
     """At 16 rows (8 images with guidance) PyTorch would move CPU convolutions to NNPACK, which sums in
     another order than at fewer rows: the batch-invariant context must keep the bytes all the same."""
