@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from pipeline import PipelineError
 from pipeline.augment import batch_transform, image_transform, parse_method
@@ -116,3 +117,10 @@ def test_batch_transform_only_for_mixing_methods():
     images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     torch.manual_seed(0)
     assert both(images, labels)[1].shape == (4, 3)
+
+
+@pytest.mark.parametrize("policy", ["imagenet", "cifar10", "svhn"])
+def test_autoaugment_uses_the_configured_policy(policy):
+    transform = image_transform(["autoaugment"], train_options(autoaugment_policy=policy))
+    (auto,) = [step for step in transform.transforms if isinstance(step, v2.AutoAugment)]
+    assert auto.policy == v2.AutoAugmentPolicy(policy)

@@ -264,3 +264,15 @@ def test_gradient_checkpointing_trains_the_same_vectors(tiny_model, subset, tmp_
     for token in plain:
         assert not torch.equal(plain[token], initial.reshape(plain[token].shape)), "training moved nothing"
         assert torch.equal(recomputed[token], plain[token])
+
+
+def test_scale_lr_multiplies_the_learning_rate_by_the_batch_size(tiny_model, subset, tmp_path):
+    scaled = make_config(tiny_model, steps=2, batch_size=2, learning_rate=5e-3, scale_lr=True)
+    inv.invert_tokens(scaled, subset, tmp_path / "scaled", ["zero"])
+    inv.invert_tokens(make_config(tiny_model, steps=2, batch_size=2, learning_rate=1e-2), subset, tmp_path / "doubled", ["zero"])
+    inv.invert_tokens(make_config(tiny_model, steps=2, batch_size=2, learning_rate=5e-3), subset, tmp_path / "plain", ["zero"])
+    _, by_scale = load_token_file(tmp_path / "scaled")
+    _, by_hand = load_token_file(tmp_path / "doubled")
+    _, unscaled = load_token_file(tmp_path / "plain")
+    assert all(torch.equal(by_scale[t], by_hand[t]) for t in by_scale)
+    assert not any(torch.equal(by_scale[t], unscaled[t]) for t in by_scale)
