@@ -22,14 +22,14 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.augment import image_transform
 from pipeline.backbones import Classifier, build_backbone
 from pipeline.config import validate_config
-from pipeline.io import encode_png
 from pipeline.train import _Loader, _PlanDataset, draw_plan, draw_views, standard_angles, train_step
+
+from bench_fid import smooth_pngs  # a sibling script: benchmarks/ is on sys.path when run
 
 
 def timed(function, repeat: int) -> float:
@@ -124,11 +124,9 @@ def main() -> None:
 
 
 def decode_rates(options: dict, count: int, thread_counts: list[int]) -> dict[int, float]:
-    """Images/s of the loader's one-time decode of synthetic rows (512 px PNGs of upsampled noise,
-    which compress about as generated images do), per thread count."""
-    rng = np.random.default_rng(0)
-    small = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(8)]
-    rows = [{"synthetic_id": str(i), "image": encode_png(small[i % 8].resize((512, 512), Image.BICUBIC))} for i in range(count)]
+    """Images/s of the loader's one-time decode of synthetic rows (512 px PNGs that compress about
+    as generated images do), per thread count."""
+    rows = [{"synthetic_id": str(i), "image": png} for i, png in enumerate(smooth_pngs(512, count))]
     rates = {}
     for threads in thread_counts:
         loader = _Loader(options, torch.device("cpu"), threads)

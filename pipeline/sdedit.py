@@ -112,10 +112,10 @@ def batch_invariant_kernels(device: torch.device):
     included, which moved pixels of the tiny test model by up to two levels between batch sizes;
     without oneDNN, PyTorch switches to NNPACK's convolution from a batch of 16 rows on (8 images
     with guidance), which sums in another order again. Its own convolution (im2col and one matmul
-    per image) does not depend on the batch, and measured no slower than either on the tiny UNet
-    (BENCHMARKS.md). With `_embed_shared_timestep_once` and the one-image VAE decode that
-    `load_img2img` sets, batching is then invisible in the output. GPU kernels keep their
-    batch-dependent choices: there batching changes pixels by float rounding only.
+    per image) does not depend on the batch. It is slower than oneDNN on the tiny UNet: 0-12% per
+    row on one thread, 1.6-1.8x on two (BENCHMARKS.md). With `_embed_shared_timestep_once` and the
+    one-image VAE decode that `load_img2img` sets, batching is then invisible in the output. GPU
+    kernels keep their batch-dependent choices: there batching changes pixels by float rounding only.
     """
     if device.type != "cpu":
         yield

@@ -158,6 +158,19 @@ def test_shard_count_does_not_change_images(rows, model_dir, subset, tokens_dir,
     assert [row["image"] for row in three] == [row["image"] for row in rows]
 
 
+def stock_img2img(pipe, subset: Path, row: dict) -> Image.Image:
+    """What diffusers' own img2img makes of a row's source with the row's settings and seed."""
+    with sdedit.batch_invariant_kernels(torch.device("cpu")):
+        return pipe(
+            image=Image.open(subset.parent / f"{row['image_id']}.png").convert("RGB"),
+            prompt=row["prompt"],
+            strength=row["strength"],
+            num_inference_steps=row["num_inference_steps"],
+            guidance_scale=row["guidance_scale"],
+            generator=torch.Generator().manual_seed(row["seed"]),
+        ).images[0]
+
+
 def test_batch_size_one_gives_the_same_shard_and_stock_img2img(rows, model_dir, subset, tokens_dir, tmp_path):
     """On CPU the batch size changes nothing, pixels included. At batch size 1 a row's seed and
     settings give diffusers' own img2img output exactly."""
@@ -170,16 +183,7 @@ def test_batch_size_one_gives_the_same_shard_and_stock_img2img(rows, model_dir, 
     pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
     add_tokens_to_pipeline(pipe, tokens_dir, CLASSES)
     row = next(r for r in single if r["strength"] >= 0.5 and r["width"] == r["height"] == 64)
-    with sdedit.batch_invariant_kernels(torch.device("cpu")):
-        reference = pipe(
-            image=Image.open(subset.parent / f"{row['image_id']}.png").convert("RGB"),
-            prompt=row["prompt"],
-            strength=row["strength"],
-            num_inference_steps=row["num_inference_steps"],
-            guidance_scale=row["guidance_scale"],
-            generator=torch.Generator().manual_seed(row["seed"]),
-        ).images[0]
-    np.testing.assert_array_equal(pixels(row), np.asarray(reference, dtype=np.int16))
+    np.testing.assert_array_equal(pixels(row), np.asarray(stock_img2img(pipe, subset, row), dtype=np.int16))
 
 
 @pytest.mark.parametrize("scheduler", ["dpm-solver++", "ddim"])
@@ -200,16 +204,7 @@ def test_other_schedulers_match_stock_img2img_at_every_strength(scheduler, model
     square = {row["strength"]: row for row in batched if row["width"] == row["height"] == 64}
     assert len(square) >= 3, f"the fixture should draw most strengths on square sources, got {sorted(square)}"
     for strength, row in sorted(square.items()):
-        with sdedit.batch_invariant_kernels(torch.device("cpu")):
-            reference = pipe(
-                image=Image.open(subset.parent / f"{row['image_id']}.png").convert("RGB"),
-                prompt=row["prompt"],
-                strength=strength,
-                num_inference_steps=8,
-                guidance_scale=row["guidance_scale"],
-                generator=torch.Generator().manual_seed(row["seed"]),
-            ).images[0]
-        difference = np.abs(pixels(row) - np.asarray(reference, dtype=np.int16)).max()
+        difference = np.abs(pixels(row) - np.asarray(stock_img2img(pipe, subset, row), dtype=np.int16)).max()
         assert difference == 0, f"{scheduler} at strength {strength}: {difference} levels from stock img2img"
 
 
