@@ -26,10 +26,24 @@ def cmd_build_model(args, config):
     build_tiny_sd(args.out, resolution=config["model"]["resolution"], seed=config["seed"])
 
 
+def cmd_pretrain_demo_model(args, config):
+    from pipeline.demo_model import PretrainSettings, pretrain_demo_model
+
+    pretrain_demo_model(PretrainSettings.from_config(config), args.out)
+
+
+def cmd_train_oracle(args, config):
+    from pipeline.oracle import OracleSettings, train_oracle
+
+    section = config["demo_model"]["oracle"]
+    settings = OracleSettings(config["seed"], section["corpus_images"], section["steps"], section["batch_size"], section["learning_rate"], config["dataset"]["demo"]["max_objects"])
+    train_oracle(settings, args.out)
+
+
 def cmd_build_demo(args, config):
     from pipeline.demo import build_demo_coco
 
-    build_demo_coco(args.out, config["dataset"]["demo"], config["seed"])
+    build_demo_coco(args.out, config["dataset"]["demo"], config["seed"], model_id=config["model"]["id"])
 
 
 def cmd_download(args, config):
@@ -100,6 +114,14 @@ def cmd_fid(args, config):
     compute_fid(config, args.real, args.synthetic, args.out, real_reference_path=args.reference)
 
 
+def cmd_oracle_scores(args, config):
+    from pipeline.oracle import score_shards
+
+    if not config["fid"]["oracle"]:
+        raise PipelineError("oracle-scores: fid.oracle is not set. Expected the oracle folder, e.g. models/oracle")
+    score_shards(config["fid"]["oracle"], args.synthetic, args.manifest, args.out)
+
+
 def cmd_train(args, config):
     from pipeline.train import train_classifier
 
@@ -126,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage("build-model", cmd_build_model, "Build the tiny random Stable Diffusion checkpoint (offline demo and tests).")
     p.add_argument("--out", type=Path, required=True, help="folder to write the diffusers-format checkpoint to")
+
+    p = stage("pretrain-demo-model", cmd_pretrain_demo_model, "Train the demo's small text-to-image model on captioned digit scenes (resumable).")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the diffusers-format checkpoint to")
+
+    p = stage("train-oracle", cmd_train_oracle, "Train the oracle: the independent demo-domain classifier that measures synthetic images.")
+    p.add_argument("--out", type=Path, required=True, help="folder to write oracle.safetensors and oracle.json to")
 
     p = stage("build-demo", cmd_build_demo, "Write the embedded demo dataset (MNIST scenes) in COCO format.")
     p.add_argument("--out", type=Path, required=True, help="dataset root to create")
@@ -177,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("fid", cmd_fid, "FID and KID of synthetic shards against real features, overall and per class.")
     p.add_argument("--real", type=Path, required=True, help="real features .npz (fid-features)")
     p.add_argument("--reference", type=Path, default=None, help="second real features .npz: real-vs-real floor")
+    p.add_argument("--synthetic", type=Path, nargs="+", required=True, help="synthetic shard .parquet files")
+    p.add_argument("--out", type=Path, required=True, help="JSON to write")
+
+    p = stage("oracle-scores", cmd_oracle_scores, "Oracle agreement and pixel distance of synthetic shards, per t0 (demo dataset).")
+    p.add_argument("--manifest", type=Path, required=True)
     p.add_argument("--synthetic", type=Path, nargs="+", required=True, help="synthetic shard .parquet files")
     p.add_argument("--out", type=Path, required=True, help="JSON to write")
 

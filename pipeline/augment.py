@@ -16,6 +16,10 @@ from __future__ import annotations
 from pipeline import PipelineError
 
 BASELINE = "baseline"
+# The part that trains on synthetic images only (every real image replaced by one of its synthetic
+# versions for the whole run) and tests on real ones: the Classification Accuracy Score of the
+# synthetic source (Ravuri and Vinyals 2019), e.g. `dafusion+synthetic-only`.
+SYNTHETIC_ONLY = "synthetic-only"
 
 # Per-image augmentations on uint8 pixels (randaugment, autoaugment) or on [0, 1] floats (cutout).
 IMAGE_AUGMENTATIONS = ("randaugment", "autoaugment", "cutout")
@@ -31,7 +35,7 @@ def parse_method(name: str, synthetic_methods: set[str]) -> tuple[str | None, li
     generate.methods). Augmentations come back in the order written.
     """
     parts = name.split("+")
-    valid = f"{BASELINE} alone, or '+'-joined parts from {sorted(synthetic_methods) + list(AUGMENTATIONS)}"
+    valid = f"{BASELINE} alone, or '+'-joined parts from {sorted(synthetic_methods) + list(AUGMENTATIONS) + [SYNTHETIC_ONLY]}"
     if parts == [BASELINE]:
         return None, []
     synthetic: str | None = None
@@ -43,13 +47,22 @@ def parse_method(name: str, synthetic_methods: set[str]) -> tuple[str | None, li
             if synthetic is not None:
                 raise PipelineError(f"training method {name!r} names two synthetic sources ({synthetic!r} and {part!r}). Expected at most one.")
             synthetic = part
+        elif part == SYNTHETIC_ONLY:
+            continue
         elif part in AUGMENTATIONS:
             if part in augmentations:
                 raise PipelineError(f"training method {name!r} names {part!r} twice.")
             augmentations.append(part)
         else:
             raise PipelineError(f"training method {name!r}: unknown part {part!r}. Expected {valid}.")
+    if is_synthetic_only(name) and (synthetic is None or parts.count(SYNTHETIC_ONLY) > 1):
+        raise PipelineError(f"training method {name!r}: '{SYNTHETIC_ONLY}' needs exactly one synthetic source and appears once. Expected e.g. 'dafusion+{SYNTHETIC_ONLY}'.")
     return synthetic, augmentations
+
+
+def is_synthetic_only(name: str) -> bool:
+    """Whether a training method trains on synthetic images alone (its source's CAS)."""
+    return SYNTHETIC_ONLY in name.split("+")
 
 
 def image_transform(augmentations: list[str], train_config: dict):

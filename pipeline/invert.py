@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import PipelineError, layout
+from pipeline.checkpoint import verify_if_local
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.hashing import value_hash
 from pipeline.io import atomic_path, open_image, read_json
@@ -117,6 +118,7 @@ def load_components(model_id: str, device: torch.device, dtype: torch.dtype, gra
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    verify_if_local(model_id)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
         # The text encoder stays fp32: gradients flow through it to the new vectors; autocast

@@ -10,6 +10,9 @@ from itertools import product
 
 
 # Generation methods that prompt with the learned class tokens of the invert stage.
+# In the demo dataset's root: {split: MNIST indices its scenes draw from}, checked against the
+# pretraining corpus of the demo model.
+DEMO_DIGITS_FILE = "mnist_indices.json"
 TOKEN_METHODS = frozenset({"dafusion", "inpaint-fg", "inpaint-bg"})
 # The `class` of the batch-loss rows of a joint inversion run in a tokens folder's loss.csv (each
 # class's own rows sit beside them).
@@ -58,6 +61,10 @@ def fid(results: str, method, k, trial_seed) -> str:
     return f"{results}/fid/{method}/{subset_name(k, trial_seed)}.json"
 
 
+def oracle_scores(results: str, method, k, trial_seed) -> str:
+    return f"{results}/oracle/{method}/{subset_name(k, trial_seed)}.json"
+
+
 def metrics(results: str, method, k, trial_seed) -> str:
     return f"{results}/train/{method}/{subset_name(k, trial_seed)}.json"
 
@@ -84,5 +91,6 @@ def expected_outputs(config: dict) -> dict[str, list[str]]:
         "token_samples": [token_samples(results, k, s) for k, s in pairs] if learns_tokens else [],
         "metrics": [metrics(results, m, k, s) for m in config["train"]["methods"] for k, s in pairs],
         "fid": [fid(results, m, k, s) for m in methods for k, s in pairs],
+        "oracle": [oracle_scores(results, m, k, s) for m in methods for k, s in pairs] if config["fid"]["oracle"] else [],
         "shards": [p for m in methods for k, s in pairs for p in shards(results, m, k, s, num_shards)],
     }

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from pipeline import PipelineError
+from pipeline.checkpoint import verify_if_local
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def load_img2img(model: dict, generate: dict, device: torch.device, dtype: torch
     """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
 
+    verify_if_local(model["id"])
     try:
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
             model["id"], dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False

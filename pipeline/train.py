@@ -67,7 +67,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import rotate
 
 from pipeline import PipelineError
-from pipeline.augment import batch_transform, image_transform, parse_method
+from pipeline.augment import batch_transform, image_transform, is_synthetic_only, parse_method
 from pipeline.backbones import Classifier, build_backbone
 from pipeline.device import resolve_device
 from pipeline.io import batched, decode_image, open_image, threaded_map, write_json
@@ -147,6 +147,8 @@ def train_classifier(
     options = config["train"]
     synthetic_method, augmentations = parse_method(method, set(config["generate"]["methods"]))
     mixing = resolve_mixing(options, synthetic_method)
+    if is_synthetic_only(method):
+        mixing = Mixing("proportion", None, 1.0, None)
     data = load_training_data(Path(subset_path), Path(manifest_path), [Path(p) for p in shard_paths], synthetic_method, mixing.uses_synthetic)
     if data.subset_meta.get("trial_seed", trial_seed) != trial_seed:
         raise PipelineError(f"{subset_path}: subset of trial seed {data.subset_meta['trial_seed']}, but trial seed {trial_seed} was asked for.")

@@ -80,13 +80,14 @@ def test_later_digits_occlude_earlier_ones():
     assert (image[~(lower | upper)] == 0).all()
 
 
-def test_train_and_val_digits_come_from_disjoint_pools():
+def test_train_val_and_pretrain_digits_come_from_disjoint_pools():
     _, labels = load_mnist()
-    pools = split_digit_pools(labels, seed=0)
+    pools = split_digit_pools(labels)
     for digit in range(10):
-        train, val = set(pools["train"][digit]), set(pools["val"][digit])
-        assert not train & val
-        assert train | val == set(np.flatnonzero(labels == digit))
+        train, val, pretrain = (set(pools[name][digit]) for name in ("train", "val", "pretrain"))
+        assert not train & val and not train & pretrain and not val & pretrain
+        assert train | val | pretrain == set(np.flatnonzero(labels == digit))
+        assert len(pretrain) == round(0.5 * (labels == digit).sum())
     assert not np.array_equal(split_digit_pools(labels, seed=1)["train"][0], pools["train"][0])
 
 

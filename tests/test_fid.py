@@ -291,6 +291,19 @@ def test_fid_of_real_images_against_themselves_is_zero_overall_and_per_class(fea
     assert "2048" in result["warning"] and result["methods"] == ["dafusion"]
 
 
+def test_scores_per_strength_cover_the_images_made_at_each_t0(dataset, features, tmp_path):
+    images = train_images(dataset)
+    rows = [shard_row(f"dafusion-{i}", image_id, label, CLASSES[label], image) for i, (image_id, label, image) in enumerate(images)]
+    for row, strength in zip(rows, [0.25, 0.25, 0.25, 1.0, 1.0, 1.0]):
+        row["strength"] = strength
+    shard = tmp_path / "mixed.parquet"
+    write_parquet(shard, pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
+    result = compute_fid(config(), features["train"][0], [shard], tmp_path / "fid.json")
+    assert list(result["by_strength"]) == ["0.25", "1"]
+    assert [v["n_synthetic"] for v in result["by_strength"].values()] == [3, 3]
+    assert all(v["fid"] > 0 for v in result["by_strength"].values())
+
+
 def test_each_class_gets_its_own_real_vs_real_floor(features, fid_of_the_real_images):
     result, _ = fid_of_the_real_images
     with np.load(features["train"][0]) as train, np.load(features["val"][0]) as val:

@@ -557,3 +557,24 @@ def test_loader_names_a_synthetic_image_it_cannot_decode():
     loader = train_module._Loader({"image_size": SIZE, "inference_batch_size": 4}, torch.device("cpu"), 2)
     with pytest.raises(PipelineError, match="synthetic image dafusion-x-1: cannot decode"):
         list(loader.batches(rows, "test"))
+
+
+def test_synthetic_only_trains_on_synthetic_images_alone_whatever_the_mixing(three_digits, tmp_path):
+    """`<source>+synthetic-only` is its source's Classification Accuracy Score: every real image
+    replaced by one synthetic version for the whole run, as proportion 1 does."""
+    subset_path, manifest_path, _, shard = three_digits
+    config = make_config(steps=6, eval_every=2)  # train.mixing: probability at alpha 0.5
+    cas = train_classifier(config, subset_path, manifest_path, [shard], "dafusion+synthetic-only", 0, tmp_path / "cas.json")
+    assert cas["n_synthetic"] == 12 and cas["synthetic_fraction"] == 1.0
+    assert (cas["mixing"], cas["synthetic_proportion"], cas["synthetic_probability"]) == ("proportion", 1.0, None)
+    every = train_classifier(make_config(steps=6, eval_every=2, mixing="proportion", synthetic_proportion=1.0),
+                             subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "p1.json")
+    assert cas["curve"] == every["curve"]
+
+
+@pytest.mark.parametrize("name", ["synthetic-only", "baseline+synthetic-only", "dafusion+synthetic-only+synthetic-only"])
+def test_synthetic_only_needs_one_synthetic_source(name):
+    from pipeline.augment import parse_method
+
+    with pytest.raises(PipelineError, match="synthetic-only|baseline"):
+        parse_method(name, {"dafusion"})

@@ -26,6 +26,7 @@ envvars:
 
 from pipeline import PipelineError, layout
 from pipeline.augment import parse_method
+from pipeline.checkpoint import check_corpus_disjoint, is_local, verify_if_local
 from pipeline.config import stable_json
 from pipeline.hashing import code_hash, value_hash
 
@@ -56,10 +57,18 @@ def check_config():
     if dataset["name"] != "demo" and not dataset["download"] and not Path(dataset["root"]).is_dir():
         fail(f"dataset.root: folder {dataset['root']!r} does not exist (dataset.name is {dataset['name']!r}). Expected the dataset's root folder.")
     if not model["build_tiny"]:
-        local = Path(model["id"]).expanduser()
-        looks_local = local.is_absolute() or model["id"].startswith(".") or local.exists()
-        if looks_local and not (local / "model_index.json").is_file():
-            fail(f"model.id: {model['id']!r} is not a diffusers checkpoint folder (no model_index.json). Expected a hub id such as CompVis/stable-diffusion-v1-4 or a folder saved with save_pretrained.")
+        try:
+            verify_if_local(model["id"])
+        except PipelineError as exc:
+            fail(f"{exc}. Expected a hub id such as CompVis/stable-diffusion-v1-4 or a folder saved with save_pretrained.")
+    digits = Path(dataset["root"]) / layout.DEMO_DIGITS_FILE
+    if dataset["name"] == "demo" and digits.is_file():
+        try:
+            check_corpus_disjoint(model["id"], json.loads(digits.read_text()), str(digits))
+        except PipelineError as exc:
+            fail(str(exc))
+    if config["fid"]["oracle"] and dataset["name"] != "demo":
+        fail(f"fid.oracle: the oracle classifies the demo's digit scenes only; dataset.name is {dataset['name']!r}. Expected fid.oracle: null")
     for name in TRAIN_METHODS:
         try:
             synthetic, _ = parse_method(name, set(GENERATE_METHODS))
@@ -110,8 +119,16 @@ CONFIG_FILE = resolved_config_file()
 
 
 def model_input():
-    """The checkpoint folder when this workflow builds it; nothing for hub ids and existing folders."""
-    return [config["model"]["id"]] if config["model"]["build_tiny"] else []
+    """The checkpoint folder when this workflow builds it; the files of a local checkpoint folder (so
+    replacing its weights reruns what used them); nothing for hub ids."""
+    model = config["model"]
+    if model["build_tiny"]:
+        return [model["id"]]
+    return folder_files(model["id"]) if is_local(model["id"]) else []
+
+
+def folder_files(folder):
+    return sorted(str(path) for path in Path(folder).rglob("*") if path.is_file())
 
 
 def tokens_input(wildcards):

@@ -39,3 +39,20 @@ rule fid:
     shell:
         "python -m pipeline fid --config {CONFIG_FILE} --real {input.real} --reference {input.reference}"
         " --synthetic {input.shards} --out {output} > {log} 2>&1"
+
+
+rule oracle_scores:
+    input:
+        manifest=layout.manifest(R),
+        oracle=folder_files(config["fid"]["oracle"]) if config["fid"]["oracle"] else [],
+        shards=lambda wc: layout.shards(R, wc.method, wc.k, wc.seed, NUM_SHARDS),
+    output:
+        layout.oracle_scores(R, "{method}", "{k}", "{seed}"),
+    params:
+        **stage_params("pipeline.oracle", "fid.oracle"),
+    log:
+        log_path("oracle_scores", f"{{method}}/{SUBSET}"),
+    threads: 1
+    shell:
+        "python -m pipeline oracle-scores --config {CONFIG_FILE} --manifest {input.manifest}"
+        " --synthetic {input.shards} --out {output} > {log} 2>&1"

@@ -1,0 +1,361 @@
+"""The demo model: a small Stable Diffusion 1.x-architecture text-to-image model that has learned the
+demo domain, trained by the project itself, offline, on a CPU.
+
+Why it exists. A randomly initialised model draws noise, so on it no method can be shown to do what
+its paper says. This one is what the embedded default generates with and what every method's
+*effect* is measured on (oracle agreement, FID by t0, pixel distances, CAS; `pipeline.oracle`).
+
+The setting mirrors DA-Fusion's. The corpus (`demo.pretraining_corpus`) is drawn like the demo's
+scenes, but only from the `pretrain` share of each class's MNIST digits, which no demo split uses.
+Its captions name five classes ("a photo of a red three and a blue digit") and call the other five
+only "digit": the model learns to draw every class but can name only half of them, so the
+pseudo-word of an unnamed class can only come from textual inversion (the paper's Leafy Spurge), while
+the named classes give Real Guidance and concept erasure a name to act on. One caption in
+`caption_dropout` is empty, so classifier-free guidance has an unconditional model to push from.
+
+Training, in two phases, each seeded and deterministic on CPU (batch draws and noise come from
+(seed, phase, step) alone, so a resumed run is bitwise an uninterrupted one):
+
+1. `vae`: an AutoencoderKL (factor 4: 64 px images, 16x16x4 latents) on reconstruction (MSE) plus a
+   small KL term; its `scaling_factor` is then set to 1 / std of the corpus latents, as SD's is.
+2. `unet`: the CLIP text encoder (CLIP's BPE tokenizer from open-clip-torch, as `tiny_sd`) and the
+   UNet with cross-attention, jointly, on SD's noise-prediction loss over the cached latents, with
+   SD 1.4's training noise schedule.
+
+Checkpoints go to `<out>.partial/` every `checkpoint_every` steps; a killed run started again with
+the same settings resumes from the last one. The saved folder is a plain diffusers checkpoint (PNDM
+scheduler with SD 1.4's settings) loaded with `from_pretrained` like `CompVis/stable-diffusion-v1-4`.
+`demo_model.json` beside it records the settings, the losses, the MNIST indices of the corpus and the
+sha256 of every weights file, which `verify_checkpoint` checks at load time.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.checkpoint import INFO_FILE, weight_hashes
+from pipeline.io import atomic_path, write_json
+from pipeline.progress import progress
+from pipeline.rng import numpy_rng, torch_generator
+
+log = logging.getLogger(__name__)
+
+LOSS_FILE = "loss.csv"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Everything that changes the demo model's weights (the config's `demo_model` section)."""
+
+    seed: int
+    resolution: int
+    corpus_images: int
+    max_objects: int
+    named_classes: tuple[str, ...]
+    caption_dropout: float
+    vae_steps: int
+    vae_batch_size: int
+    vae_learning_rate: float
+    kl_weight: float
+    unet_steps: int
+    unet_batch_size: int
+    unet_learning_rate: float
+    warmup_steps: int
+    checkpoint_every: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> PretrainSettings:
+        section = config["demo_model"]
+        return cls(
+            seed=config["seed"],
+            resolution=config["model"]["resolution"],
+            corpus_images=section["corpus_images"],
+            max_objects=config["dataset"]["demo"]["max_objects"],
+            named_classes=tuple(section["named_classes"]),
+            caption_dropout=section["caption_dropout"],
+            vae_steps=section["vae"]["steps"],
+            vae_batch_size=section["vae"]["batch_size"],
+            vae_learning_rate=section["vae"]["learning_rate"],
+            kl_weight=section["vae"]["kl_weight"],
+            unet_steps=section["unet"]["steps"],
+            unet_batch_size=section["unet"]["batch_size"],
+            unet_learning_rate=section["unet"]["learning_rate"],
+            warmup_steps=section["unet"]["warmup_steps"],
+            checkpoint_every=section["checkpoint_every"],
+        )
+
+    def key(self) -> dict:
+        """What a checkpoint must match to be resumed: every field but the checkpoint interval."""
+        return {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
+
+
+def demo_architecture(resolution: int) -> dict[str, dict]:
+    """Constructor arguments of the demo model's text encoder, VAE and UNet (SD 1.x's block types)."""
+    return {
+        "text_encoder": {
+            "hidden_size": 48,
+            "intermediate_size": 192,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "block_out_channels": (16, 32, 64),
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+            "sample_size": resolution,
+        },
+        "unet": {
+            "sample_size": resolution // 4,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (32, 64, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 48,
+            "attention_head_dim": 8,
+            "norm_num_groups": 16,
+        },
+    }
+
+
+# -- corpus ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Corpus:
+    images: torch.Tensor  # (N, 3, R, R) uint8
+    input_ids: torch.Tensor  # (N, 77) CLIP token ids of the captions
+    empty_ids: torch.Tensor  # (77,) ids of the empty caption (classifier-free guidance)
+    captions: list[str]
+    labels: np.ndarray
+
+
+def render_corpus(settings: PretrainSettings, tokenizer) -> Corpus:
+    from pipeline.demo import pretraining_corpus
+
+    images, captions, labels = [], [], []
+    scenes = pretraining_corpus(settings.corpus_images, settings.resolution, settings.max_objects, settings.seed, settings.named_classes)
+    for scene in progress(scenes, total=settings.corpus_images, desc="demo model corpus"):
+        images.append(scene.image)
+        captions.append(scene.caption)
+        labels.append(scene.label)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    tokens = lambda texts: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return Corpus(pixels, tokens(captions), tokens([""])[0], captions, np.array(labels))
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, R, R) -> float32 in [-1, 1], as the SD pipelines feed the VAE."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def corpus_indices() -> list[int]:
+    """The MNIST indices the corpus draws from (recorded with the model, checked against the demo)."""
+    from pipeline.demo import load_mnist, split_digit_pools
+
+    _, labels = load_mnist()
+    return sorted(int(i) for pool in split_digit_pools(labels)["pretrain"] for i in pool)
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+def _batch_indices(settings: PretrainSettings, phase: str, step: int, batch_size: int) -> np.ndarray:
+    return numpy_rng(settings.seed, "demo-model", phase, step).integers(0, settings.corpus_images, size=batch_size)
+
+
+def _learning_rate(base: float, step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of `base`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress_share = (step - warmup) / max(1, steps - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_share)))
+
+
+def vae_step(vae, batch: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
+    posterior = vae.encode(batch).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=generator)
+    latents = posterior.mean + posterior.std * noise
+    reconstruction = vae.decode(latents).sample
+    return F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
+
+
+def unet_step(text_encoder, unet, scheduler, latents, input_ids, generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    hidden = text_encoder(input_ids)[0]
+    return F.mse_loss(unet(noisy, timesteps, hidden).sample, noise)
+
+
+class _Run:
+    """The modules, optimisers and loss log of one pretraining run, saved and restored as a checkpoint."""
+
+    def __init__(self, settings: PretrainSettings, tokenizer, partial_dir: Path):
+        from pipeline.tiny_sd import build_modules
+
+        torch.manual_seed(settings.seed)
+        self.settings, self.partial_dir = settings, partial_dir
+        self.text_encoder, self.vae, self.unet = build_modules(demo_architecture(settings.resolution), tokenizer)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
+        unet_params = [*self.unet.parameters(), *self.text_encoder.parameters()]
+        self.unet_opt = torch.optim.AdamW(unet_params, lr=settings.unet_learning_rate, weight_decay=1e-2)
+        self.done = {"vae": 0, "unet": 0}
+        self.losses: list[tuple[str, int, float]] = []
+        self.seconds = {"vae": 0.0, "unet": 0.0}
+
+    def state(self) -> dict:
+        return {
+            "key": self.settings.key(),
+            "modules": {name: getattr(self, name).state_dict() for name in ("text_encoder", "vae", "unet", "vae_opt", "unet_opt")},
+            "done": self.done,
+            "losses": self.losses,
+            "seconds": self.seconds,
+        }
+
+    def save(self) -> None:
+        tmp = self.partial_dir / (CHECKPOINT_FILE + ".tmp")
+        torch.save(self.state(), tmp)
+        tmp.replace(self.partial_dir / CHECKPOINT_FILE)
+
+    def restore(self) -> bool:
+        path = self.partial_dir / CHECKPOINT_FILE
+        if not path.is_file():
+            return False
+        state = torch.load(path, weights_only=False)
+        if state["key"] != self.settings.key():
+            log.warning("discarding %s: it was written with other settings", path)
+            return False
+        for name, values in state["modules"].items():
+            getattr(self, name).load_state_dict(values)
+        self.done, self.losses, self.seconds = state["done"], [tuple(r) for r in state["losses"]], state["seconds"]
+        log.info("resuming demo model pretraining from %s (vae step %d, unet step %d)", path, self.done["vae"], self.done["unet"])
+        return True
+
+
+def _train_phase(run: _Run, phase: str, steps: int, batch_size: int, base_lr: float, warmup: int, optimizer, loss_of) -> None:
+    settings = run.settings
+    start, clock = run.done[phase], time.perf_counter()
+    for step in progress(range(start, steps), total=steps - start, desc=f"demo model {phase}"):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(base_lr, step, steps, warmup)
+        indices = torch.from_numpy(_batch_indices(settings, phase, step, batch_size))
+        loss = loss_of(indices, step, torch_generator(settings.seed, "demo-model", phase, "noise", step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.losses.append((phase, step, loss.item()))
+        run.done[phase] = step + 1
+        if (step + 1) % 100 == 0:
+            recent = [r[2] for r in run.losses[-100:]]
+            log.info("%s step %d/%d: loss %.4f (mean of last 100)", phase, step + 1, steps, sum(recent) / len(recent))
+        if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
+            run.seconds[phase] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            run.save()
+    run.seconds[phase] += time.perf_counter() - clock
+
+
+@torch.no_grad()
+def encode_corpus(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The posterior means of uint8 `images`, unscaled."""
+    return torch.cat([vae.encode(to_unit_range(images[i : i + batch_size])).latent_dist.mean for i in range(0, len(images), batch_size)])
+
+
+def pretrain_demo_model(settings: PretrainSettings, out_dir: str | Path) -> Path:
+    """Train the demo model with `settings` and save it at `out_dir` (atomically) in diffusers format."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from pipeline.tiny_sd import _sd14_scheduler, write_clip_tokenizer_files
+
+    out_dir = Path(out_dir)
+    partial_dir = out_dir.with_name(out_dir.name + ".partial")
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = write_clip_tokenizer_files(partial_dir / "bpe")
+    tokenizer = CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=77)
+    corpus = render_corpus(settings, tokenizer)
+
+    run = _Run(settings, tokenizer, partial_dir)
+    run.restore()
+    vae, text_encoder, unet = run.vae, run.text_encoder, run.unet
+
+    vae.train()
+    _train_phase(
+        run, "vae", settings.vae_steps, settings.vae_batch_size, settings.vae_learning_rate, 0, run.vae_opt,
+        lambda idx, step, gen: vae_step(vae, to_unit_range(corpus.images[idx]), settings.kl_weight, gen),
+    )
+    vae.eval().requires_grad_(False)
+    latents = encode_corpus(vae, corpus.images)
+    scaling_factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    latents = latents * scaling_factor
+
+    train_scheduler = DDPMScheduler(**{k: _sd14_scheduler().config[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")})
+
+    def unet_loss(idx, step, generator):
+        ids = corpus.input_ids[idx].clone()
+        dropped = numpy_rng(settings.seed, "demo-model", "dropout", step).random(len(idx)) < settings.caption_dropout
+        ids[torch.from_numpy(dropped)] = corpus.empty_ids
+        return unet_step(text_encoder, unet, train_scheduler, latents[idx], ids, generator)
+
+    text_encoder.train()
+    unet.train()
+    _train_phase(run, "unet", settings.unet_steps, settings.unet_batch_size, settings.unet_learning_rate, settings.warmup_steps, run.unet_opt, unet_loss)
+    text_encoder.eval()
+    unet.eval()
+
+    with atomic_path(out_dir) as tmp:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_sd14_scheduler(),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp)
+        _write_losses(tmp / LOSS_FILE, run.losses)
+        write_json(tmp / INFO_FILE, {
+            "note": "small SD 1.x-architecture model trained offline on captioned MNIST digit scenes (pipeline.demo_model)",
+            "settings": asdict(settings),
+            "named_classes": list(settings.named_classes),
+            "corpus_mnist_indices": corpus_indices(),
+            "train_seconds": run.seconds,
+            "final_loss": {phase: _mean_last(run.losses, phase) for phase in ("vae", "unet")},
+            "sha256": weight_hashes(tmp),
+        })
+    _remove_partial(partial_dir)
+    log.info("demo model at %s: vae loss %.4f, unet loss %.4f, %.0f s", out_dir, _mean_last(run.losses, "vae"), _mean_last(run.losses, "unet"), sum(run.seconds.values()))
+    return out_dir
+
+
+def _mean_last(losses, phase: str, count: int = 100) -> float:
+    values = [loss for p, _, loss in losses if p == phase][-count:]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _write_losses(path: Path, losses) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["phase", "step", "loss"])
+        writer.writerows((phase, step, f"{loss:.6f}") for phase, step, loss in losses)
+
+
+def _remove_partial(partial_dir: Path) -> None:
+    for path in sorted(partial_dir.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    partial_dir.rmdir()
