@@ -17,7 +17,8 @@ Training, in two phases, each seeded and deterministic on CPU (batch draws and n
 (seed, phase, step) alone, so a resumed run is bitwise an uninterrupted one):
 
 1. `vae`: an AutoencoderKL (factor 4: 64 px images, 16x16x4 latents) on reconstruction (MSE) plus a
-   small KL term; its `scaling_factor` is then set to 1 / std of the corpus latents, as SD's is.
+   small KL term, on seeded random crops (`vae_crop`); its `scaling_factor` is then set to 1 / std
+   of the corpus latents, as SD's is.
 2. `unet`: the CLIP text encoder (CLIP's BPE tokenizer from open-clip-torch, as `tiny_sd`) and the
    UNet with cross-attention, jointly, on SD's noise-prediction loss over the cached latents, with
    SD 1.4's training noise schedule.
@@ -66,6 +67,7 @@ class PretrainSettings:
     vae_steps: int
     vae_batch_size: int
     vae_learning_rate: float
+    vae_crop: int
     kl_weight: float
     unet_steps: int
     unet_batch_size: int
@@ -86,6 +88,7 @@ class PretrainSettings:
             vae_steps=section["vae"]["steps"],
             vae_batch_size=section["vae"]["batch_size"],
             vae_learning_rate=section["vae"]["learning_rate"],
+            vae_crop=section["vae"]["crop"],
             kl_weight=section["vae"]["kl_weight"],
             unet_steps=section["unet"]["steps"],
             unet_batch_size=section["unet"]["batch_size"],
@@ -179,6 +182,17 @@ def corpus_indices() -> list[int]:
 
 def _batch_indices(settings: PretrainSettings, phase: str, step: int, batch_size: int) -> np.ndarray:
     return numpy_rng(settings.seed, "demo-model", phase, step).integers(0, settings.corpus_images, size=batch_size)
+
+
+def random_crop(images: torch.Tensor, size: int, settings: PretrainSettings, step: int) -> torch.Tensor:
+    """One seeded `size` x `size` window of the whole batch (the full images when size covers them).
+
+    The VAE is convolutional, so it learns the same filters from crops, at a fraction of the cost
+    per update; updates, not pixels, are what its training is short of here."""
+    if size >= images.shape[-1]:
+        return images
+    top, left = (int(v) for v in numpy_rng(settings.seed, "demo-model", "crop", step).integers(0, images.shape[-1] - size + 1, size=2))
+    return images[..., top : top + size, left : left + size]
 
 
 def _learning_rate(base: float, step: int, steps: int, warmup: int) -> float:
@@ -300,7 +314,7 @@ def pretrain_demo_model(settings: PretrainSettings, out_dir: str | Path) -> Path
     vae.train()
     _train_phase(
         run, "vae", settings.vae_steps, settings.vae_batch_size, settings.vae_learning_rate, 0, run.vae_opt,
-        lambda idx, step, gen: vae_step(vae, to_unit_range(corpus.images[idx]), settings.kl_weight, gen),
+        lambda idx, step, gen: vae_step(vae, to_unit_range(random_crop(corpus.images[idx], settings.vae_crop, settings, step)), settings.kl_weight, gen),
     )
     vae.eval().requires_grad_(False)
     latents = encode_corpus(vae, corpus.images)
