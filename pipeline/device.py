@@ -9,7 +9,6 @@ already restricts the visible devices (SLURM, or any CUDA_VISIBLE_DEVICES), noth
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline import PipelineError
+from pipeline.io import try_lock
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +40,10 @@ def claim_gpu(device_count: int, lock_dir: Path | None = None) -> int:
     for index in range(device_count):
         if index in _held_locks:
             continue
-        handle = open(lock_dir / f"gpu-{index}.lock", "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            continue
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        _held_locks[index] = handle
-        return index
+        handle = try_lock(lock_dir / f"gpu-{index}.lock")
+        if handle is not None:
+            _held_locks[index] = handle
+            return index
     raise PipelineError(
         f"all {device_count} GPUs are claimed by other jobs (lock files in {lock_dir}). "
         f"Expected at most {device_count} GPU jobs at once: run snakemake with --resources gpu={device_count} or less"

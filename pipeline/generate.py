@@ -49,10 +49,19 @@ min(int(num_inference_steps * strength), num_inference_steps) of its steps. Each
 reproduces with `StableDiffusionPipeline(prompt, height=R, width=R, ...)` and the same generator.
 
 Resume. Finished batches are flushed every `flush_every` batches as Parquet files in a folder
-beside the output (`<out>.partial/`, with the run's provenance in run.json). A restarted job with
-the same provenance skips the images that are there (whatever batch size made them); at the end
-all rows are merged into `out_path` atomically and the folder removed. A crash never leaves a
-file at `out_path`.
+beside the output (`<out>.partial/`, with the run's resume key in run.json: its provenance, with
+a config hash that leaves out the settings that change no image, `RESUME_IGNORES`: batch size,
+flush interval). A restarted job with the same key skips the images that are there (whatever
+batch size made them); at the end all rows are merged into `out_path` atomically and the folder
+removed. The merge first checks that the merged synthetic_ids are the shard's planned ids less
+those of skipped sources, each once, and writes nothing otherwise. A crash never leaves a file at
+`out_path`.
+
+One writer per shard. The job holds an exclusive lock on `<out>.lock` (pipeline.io.output_lock)
+from start to end, and a second process with the same output (an orphan of a lost Snakemake
+controller still running, or a second command with the same --out) stops at once naming the
+holder's pid and host, rather than adopting the first one's `.partial/` folder: otherwise the
+first to finish merges and deletes the folder, and the other merges only its own parts.
 
 Export (`export_images`): finished shards as plain `<class_name>/<synthetic_id>.png` folders.
 """
@@ -84,6 +93,7 @@ from pipeline.io import (
     atomic_path,
     encode_png,
     open_image,
+    output_lock,
     read_json,
     read_metadata,
     read_parquet,
@@ -332,8 +342,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# generate settings that change no image of a shard: how it is batched and flushed, and what the
+# workflow does around it. A resumed job ignores them, so lowering batch_size after an out-of-memory
+# error keeps the flushed images. (On a GPU a batch size may move a pixel by a level or two, as
+# in an uninterrupted run at another batch size; the workflow does not rerun for it either.)
+RESUME_IGNORES = ("batch_size", "flush_every", "methods", "num_shards", "export_dir")
+
+
 def _provenance(config: dict, method_name, subset_path, tokens_dir, shard, num_shards, device, dtype) -> dict:
-    """The shard's key-value metadata; also what a partial run must match to be resumed."""
+    """The shard's key-value metadata."""
     return {
         "stage": "generate",
         "pipeline_version": __version__,
@@ -350,21 +367,44 @@ def _provenance(config: dict, method_name, subset_path, tokens_dir, shard, num_s
     }
 
 
+def _resume_key(config: dict, provenance: dict) -> dict:
+    """What a partial run must match to be resumed: the provenance, with a config hash blind to RESUME_IGNORES."""
+    generate = {k: v for k, v in config["generate"].items() if k not in RESUME_IGNORES}
+    return {**provenance, "config_hash": value_hash({"seed": config["seed"], "model": config["model"], "generate": generate})}
+
+
 def _partial_dir(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".partial")
 
 
-def _load_partial(partial_dir: Path, provenance: dict) -> list[pa.Table]:
-    """Tables flushed by an earlier attempt of this very job; a stale folder is discarded."""
+def _load_partial(partial_dir: Path, resume_key: dict) -> list[pa.Table]:
+    """Tables flushed by an earlier attempt of this very job; a stale folder is discarded.
+
+    Only the holder of the output's lock calls this, so the folder is no other live job's.
+    """
     run_file = partial_dir / "run.json"
-    if partial_dir.is_dir() and run_file.is_file() and read_json(run_file) == provenance:
+    if partial_dir.is_dir() and run_file.is_file() and read_json(run_file) == resume_key:
         return [read_parquet(part) for part in sorted(partial_dir.glob("part-*.parquet"))]
     if partial_dir.exists():
         log.warning("discarding %s: it was written by a different run", partial_dir)
         shutil.rmtree(partial_dir)
     partial_dir.mkdir(parents=True)
-    write_json(run_file, provenance)
+    write_json(run_file, resume_key)
     return []
+
+
+def _check_complete(table: pa.Table, expected: set[str], out_path: Path, partial_dir: Path) -> None:
+    """Refuse a merge whose synthetic_ids are not exactly `expected`, each once."""
+    ids = table.column("synthetic_id").to_pylist()
+    duplicates = sorted(sid for sid, n in Counter(ids).items() if n > 1)
+    missing, unplanned = sorted(expected - set(ids)), sorted(set(ids) - expected)
+    if duplicates or missing or unplanned:
+        raise PipelineError(
+            f"{partial_dir}: the flushed parts do not make up {out_path}. Expected each of the shard's "
+            f"{len(expected)} planned images (less skipped sources) once; got {len(missing)} missing "
+            f"{missing[:3]}, {len(unplanned)} unplanned {unplanned[:3]}, {len(duplicates)} duplicated "
+            f"{duplicates[:3]}. Nothing was written; delete the folder and rerun."
+        )
 
 
 def _prompt(method: Method, template: str, class_name: str, class_tokens: dict[str, str]) -> str:
@@ -554,11 +594,18 @@ def generate_shard(
 
     `out_path` gets one row per synthetic image (pipeline.manifest.SHARD_SCHEMA, sorted by
     image_id then j) and as key-value metadata the run's provenance plus `resamples`
-    ({synthetic_id: safety re-draws}, only images re-drawn). Returns a summary.
+    ({synthetic_id: safety re-draws}, only images re-drawn). Holds `<out_path>.lock` throughout
+    (PipelineError at once if another process holds it). Returns a summary.
     """
     subset_path, out_path = Path(subset_path), Path(out_path)
     tokens_dir = Path(tokens_dir) if tokens_dir is not None else None
     _check_arguments(config, method, tokens_dir, shard, num_shards)
+    with output_lock(out_path):
+        return _write_shard(config, subset_path, tokens_dir, method, shard, num_shards, out_path)
+
+
+def _write_shard(config, subset_path, tokens_dir, method, shard, num_shards, out_path) -> dict:
+    """generate_shard's work, by the holder of the output's lock: resume, generate, merge."""
     generate = config["generate"]
     rows = _read_subset(subset_path)
     if generate["on_bad_image"] == "error":
@@ -570,7 +617,7 @@ def generate_shard(
     dtype = resolve_dtype(config["model"]["dtype"], device)
     provenance = _provenance(config, method, subset_path, tokens_dir, shard, num_shards, device, dtype)
     partial_dir = _partial_dir(out_path)
-    tables = _load_partial(partial_dir, provenance)
+    tables = _load_partial(partial_dir, _resume_key(config, provenance))
     done = {sid for table in tables for sid in table.column("synthetic_id").to_pylist()}
     todo = [item for item in mine if item.synthetic_id not in done]
     if done:
@@ -589,6 +636,7 @@ def generate_shard(
     seconds = time.perf_counter() - start
 
     table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
+    _check_complete(table, {item.synthetic_id for item in mine if item.image_id not in skipped}, out_path, partial_dir)
     order = {item.synthetic_id: i for i, item in enumerate(items)}
     ids = table.column("synthetic_id").to_pylist()
     # Typed indices: an empty Python list would be a null array, which `take` rejects (a shard

@@ -35,7 +35,7 @@ from pipeline import PipelineError, layout
 from pipeline.checkpoint import verify_if_local
 from pipeline.device import resolve_device, resolve_dtype
 from pipeline.hashing import value_hash
-from pipeline.io import atomic_path, open_image, read_json
+from pipeline.io import atomic_path, open_image, output_lock, read_json
 from pipeline.manifest import read_manifest
 from pipeline.progress import progress
 from pipeline.rng import derive_seed, torch_generator
@@ -423,9 +423,17 @@ def invert_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: l
     Mode "joint" trains all classes in one run whose batches mix classes; "per_class" trains each
     class in its own run (the workflow calls this once per class and then `merge_tokens`). Writes
     learned_embeds.safetensors, one folder per class, tokens.json and loss.csv atomically, and
-    resumes from `<out_dir>.ckpt/` if an earlier call was interrupted.
+    resumes from `<out_dir>.ckpt/` if an earlier call was interrupted. Holds `<out_dir>.lock`
+    throughout (PipelineError at once if another process holds it), so that no second process
+    resumes from, or deletes, the checkpoints of a live one.
     """
-    subset_path, out_dir = Path(subset_path), Path(out_dir)
+    out_dir = Path(out_dir)
+    with output_lock(out_dir):
+        return _learn_tokens(config, Path(subset_path), out_dir, class_names)
+
+
+def _learn_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: list[str] | None) -> dict:
+    """invert_tokens' work, by the holder of the output's lock."""
     invert_config, model_config = config["invert"], config["model"]
     rows, meta = read_manifest(subset_path)
     class_tokens = _select_classes(meta, subset_path, class_names)

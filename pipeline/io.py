@@ -1,21 +1,27 @@
-"""Atomic outputs, Parquet with key-value metadata, PNG bytes, and image decoding on threads.
+"""Atomic outputs, one writer per output, Parquet with key-value metadata, PNG bytes, and image
+decoding on threads.
 
 Every output is written to a temporary name beside its final path and renamed into place only when
-complete, so a crashed or killed job never leaves a file that looks finished.
+complete, so a crashed or killed job never leaves a file that looks finished. A stage that resumes
+from work flushed beside its output holds `output_lock` for its whole life, so that no second
+process (an orphan of a lost Snakemake controller, a second command with the same --out) adopts
+or deletes that work while it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import IO, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +52,68 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def try_lock(path: str | Path) -> IO[str] | None:
+    """Take an exclusive advisory lock on the file `path` (created if missing) without waiting.
+
+    Returns the open file, which holds the lock until it is closed or the process ends (the kernel
+    releases it on any exit, kill -9 included), with this process's pid and host written into it for
+    whoever finds it taken; None when another open file holds it. The file is never deleted:
+    unlinking a lock file lets a process that opened the old file and one that creates a new one
+    both "hold" it.
+
+    This relies on flock(2) being coherent for everyone who can reach the file: always on a local
+    disk; across machines (a SLURM job on another node) only where the shared filesystem forwards
+    flock to a lock manager (NFSv4, NFSv3 with lockd, Lustre mounted with -o flock, GPFS). On a mount
+    without that (NFS with nolock, Lustre's default localflock) each node only sees its own locks.
+    """
+    handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    except OSError as exc:
+        handle.close()
+        raise PipelineError(f"cannot lock {path}: {exc}. Expected a filesystem that supports flock(2).") from None
+    handle.truncate(0)
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    handle.flush()
+    return handle
+
+
+def lock_holder(path: str | Path) -> str:
+    """Who holds the lock file `path`, as `try_lock` recorded it: "pid 123 on host node7"."""
+    try:
+        holder = json.loads(Path(path).read_text())
+        return f"pid {holder['pid']} on host {holder['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not yet recorded its pid"  # it locked the file and is writing it now
+
+
+def lock_path_for(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".lock")
+
+
+@contextlib.contextmanager
+def output_lock(out_path: str | Path) -> Iterator[Path]:
+    """Hold the exclusive lock on `<out_path>.lock` for the block; yield the lock file's path.
+
+    Fails at once, naming the lock file and its holder, when another process holds it: two writers
+    of one output would resume from, and delete, each other's flushed work.
+    """
+    lock_path = lock_path_for(out_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = try_lock(lock_path)
+    if handle is None:
+        raise PipelineError(
+            f"{lock_path} is held by {lock_holder(lock_path)}: another process is writing {out_path}. "
+            "Expected one writer per output: wait for that process to end (or stop it), then rerun."
+        )
+    with handle:
+        yield lock_path
 
 
 def write_json(path: str | Path, value) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -230,32 +232,100 @@ def test_real_guidance_and_class_agnostic_strengths_and_prompts(model_dir, subse
     assert {row["seed"] for row in real}.isdisjoint(row["seed"] for row in agnostic)
 
 
-def test_resume_after_crash_gives_the_same_shard(one_shard, model_dir, subset, tokens_dir, tmp_path, monkeypatch):
-    config = make_config(model_dir)
+def crash_on_second_batch(config, subset, tokens_dir, out: Path, monkeypatch) -> int:
+    """Run generate_shard on `out` until its second batch fails, leaving the first batch flushed
+    (flush_every 1) in `<out>.partial/`; return that batch's size."""
     batches = plan_batches(plan_items(config, "dafusion", read_manifest(subset)[0]), config["generate"]["batch_size"])
     assert len(batches) >= 2
-    out = tmp_path / "shard-0-of-1.parquet"
     real_sdedit = sdedit.sdedit
     calls = []
 
-    def crash_on_second_batch(*args, **kwargs):
+    def fail_second_call(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated preemption")
         return real_sdedit(*args, **kwargs)
 
-    monkeypatch.setattr(sdedit, "sdedit", crash_on_second_batch)
-    with pytest.raises(RuntimeError, match="simulated preemption"):
-        generate_shard(config, subset, tokens_dir, "dafusion", 0, 1, out)
+    with monkeypatch.context() as patch:
+        patch.setattr(sdedit, "sdedit", fail_second_call)
+        with pytest.raises(RuntimeError, match="simulated preemption"):
+            generate_shard(config, subset, tokens_dir, "dafusion", 0, 1, out)
     assert not out.exists()
-    assert len(list(tmp_path.glob("shard-0-of-1.parquet.partial/part-*.parquet"))) == 1
+    assert len(list(out.parent.glob(f"{out.name}.partial/part-*.parquet"))) == 1
+    return len(batches[0])
 
-    monkeypatch.setattr(sdedit, "sdedit", real_sdedit)
+
+def test_resume_after_crash_gives_the_same_shard(one_shard, model_dir, subset, tokens_dir, tmp_path, monkeypatch):
+    config = make_config(model_dir)
+    out = tmp_path / "shard-0-of-1.parquet"
+    flushed = crash_on_second_batch(config, subset, tokens_dir, out, monkeypatch)
     summary = generate_shard(config, subset, tokens_dir, "dafusion", 0, 1, out)
-    assert (summary["resumed"], summary["generated"]) == (len(batches[0]), len(SOURCES) * 2 - len(batches[0]))
+    assert (summary["resumed"], summary["generated"]) == (flushed, len(SOURCES) * 2 - flushed)
     assert not (tmp_path / "shard-0-of-1.parquet.partial").exists()
     assert read_shards([out]) == read_shards([one_shard])
     assert read_metadata(out) == read_metadata(one_shard)
+
+
+def test_resume_keeps_flushed_images_at_another_batch_size_and_flush_interval(rows, model_dir, subset, tokens_dir, tmp_path, monkeypatch):
+    """Lowering the batch size after an out-of-memory error must not throw away what was flushed."""
+    out = tmp_path / "shard-0-of-1.parquet"
+    flushed = crash_on_second_batch(make_config(model_dir), subset, tokens_dir, out, monkeypatch)
+    summary = generate_shard(make_config(model_dir, batch_size=1, flush_every=3), subset, tokens_dir, "dafusion", 0, 1, out)
+    assert (summary["resumed"], summary["generated"]) == (flushed, len(SOURCES) * 2 - flushed)
+    assert sorted(read_shards([out]), key=lambda row: row["synthetic_id"]) == rows
+
+
+def test_a_second_writer_of_the_same_shard_stops_at_once(one_shard, model_dir, subset, tokens_dir, tmp_path, monkeypatch):
+    """Two generate runs with one --out: the second fails naming the first's pid and host, and the
+    first, undisturbed, writes the whole shard."""
+    config = make_config(model_dir)
+    out = tmp_path / "shard-0-of-1.parquet"
+    real_sdedit = sdedit.sdedit
+    second_writer = []
+
+    def start_a_second_writer_once(*args, **kwargs):
+        if not second_writer:
+            with pytest.raises(PipelineError) as error:
+                generate_shard(config, subset, tokens_dir, "dafusion", 0, 1, out)
+            second_writer.append(str(error.value))
+        return real_sdedit(*args, **kwargs)
+
+    monkeypatch.setattr(sdedit, "sdedit", start_a_second_writer_once)
+    summary = generate_shard(config, subset, tokens_dir, "dafusion", 0, 1, out)
+    assert second_writer == [
+        f"{out}.lock is held by pid {os.getpid()} on host {socket.gethostname()}: another process is writing "
+        f"{out}. Expected one writer per output: wait for that process to end (or stop it), then rerun."
+    ]
+    assert (summary["resumed"], summary["generated"]) == (0, len(SOURCES) * 2)
+    assert out.read_bytes() == one_shard.read_bytes()
+
+
+def test_merge_refuses_flushed_parts_that_do_not_make_up_the_shard(model_dir, subset, tokens_dir, tmp_path, monkeypatch):
+    """A part gone (deleted by another process), or a part duplicated, stops the merge; nothing is written."""
+    from pipeline import generate
+
+    config = make_config(model_dir)
+    out = tmp_path / "shard-0-of-1.parquet"
+    partial = tmp_path / "shard-0-of-1.parquet.partial"
+    crash_on_second_batch(config, subset, tokens_dir, out, monkeypatch)
+    real_generate_items = generate._generate_items
+
+    def then_lose_the_first_part(*args):
+        made = real_generate_items(*args)
+        (partial / "part-00000.parquet").unlink()
+        return made
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generate, "_generate_items", then_lose_the_first_part)
+        with pytest.raises(PipelineError, match=r"^\S+\.partial: the flushed parts do not make up \S+shard-0-of-1\.parquet\. .* [1-9]\d* missing \['dafusion-img-.*Nothing was written"):
+            generate_shard(config, subset, tokens_dir, "dafusion", 0, 1, out)
+    assert not out.exists()
+
+    # The rerun makes the lost images again, but a part is there twice.
+    shutil.copy(partial / "part-00001.parquet", partial / "part-00099.parquet")
+    with pytest.raises(PipelineError, match=r"0 missing \[\], 0 unplanned \[\], [1-9]\d* duplicated \['dafusion-img-"):
+        generate_shard(config, subset, tokens_dir, "dafusion", 0, 1, out)
+    assert not out.exists()
 
 
 def test_an_encoding_error_in_the_background_stops_the_job(model_dir, subset, tokens_dir, tmp_path, monkeypatch):

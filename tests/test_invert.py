@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from pipeline import PipelineError
 from pipeline import invert as inv
 from pipeline.config import validate_config
-from pipeline.io import write_parquet
+from pipeline.io import output_lock, write_parquet
 from pipeline.manifest import manifest_table
 from pipeline.tiny_sd import build_tiny_sd
 from pipeline.tokens import EMBEDDINGS_FILE, format_prompt, load_token_file
@@ -177,6 +178,17 @@ def test_resume_after_interruption_gives_the_same_result(tiny_model, subset, tmp
     _, merged_vectors = load_token_file(merged)
     assert all(torch.equal(merged_vectors[t], expected[t]) for t in expected)
     assert (merged / "loss.csv").read_text() == (uninterrupted / "loss.csv").read_text()
+
+
+def test_a_second_job_on_the_same_tokens_folder_stops_before_touching_its_checkpoints(tiny_model, subset, tmp_path):
+    out = tmp_path / "tokens"
+    checkpoint = inv.checkpoint_dir_for(out) / "run.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"state of the live job")
+    with output_lock(out):  # the live job
+        with pytest.raises(PipelineError, match=rf"^{tmp_path}/tokens\.lock is held by pid {os.getpid()} on host "):
+            inv.invert_tokens(make_config(tiny_model), subset, out)
+    assert checkpoint.read_bytes() == b"state of the live job" and not out.exists()
 
 
 def test_trials_draw_independent_noise(tiny_model, subset, tmp_path):

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import tiny_config
+from pipeline.io import try_lock
+from pipeline.manifest import read_shards
+
+# A `results` folder whose name a shell would split at the space and run `touch PWNED` from.
+HOSTILE_NAME = "res ults $(touch PWNED)"
 
 
 @pytest.mark.parametrize(
@@ -105,3 +118,130 @@ def test_end_to_end_run_and_cache(project):
     train_py = project.root / "pipeline" / "train.py"
     train_py.write_text(train_py.read_text() + "\n# an edit\n")
     assert project.planned_jobs().get("train") == 2
+
+
+def shell_commands(proc: subprocess.CompletedProcess) -> list[str]:
+    """The shell commands a `snakemake -n -p` run printed."""
+    prefix = "Shell command: "
+    lines = (line.removeprefix(prefix) for line in proc.stdout.splitlines() if line.startswith(prefix))
+    return [line for line in lines if line != "None"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"generate": {"export_dir": "{results}/export"}},
+        {"invert": {"mode": "per_class"}, "dataset": {"name": "voc", "root": "{results}/voc", "download": True}},
+    ],
+    ids=["demo, joint inversion, export", "download, per-class inversion"],
+)
+def test_every_shell_command_keeps_a_hostile_results_path_one_argument(project, tmp_path, overrides):
+    results = str(tmp_path / HOSTILE_NAME)
+    config = tiny_config(results)
+    for section, values in overrides.items():
+        config[section].update({key: value.format(results=results) if isinstance(value, str) else value for key, value in values.items()})
+    project.write_config(config)
+    commands = shell_commands(project.snakemake("-n", "-p"))
+    assert len(commands) >= 9, commands
+    for command in commands:
+        words = shlex.split(command)
+        hostile = [word for word in words if "PWNED" in word]
+        assert hostile and all(word.startswith(results + "/") for word in hostile), command
+        assert "--config" in words and words[words.index("--config") + 1].startswith(results + "/.config/"), command
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+def files_under(root: Path) -> set[Path]:
+    """Files under `root`, less Snakemake's own state and Python's bytecode caches."""
+    return {path.relative_to(root) for path in root.rglob("*") if path.is_file()
+            and not {".snakemake", "__pycache__"} & set(path.relative_to(root).parts)}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_results_path_with_spaces_and_command_substitution_runs_and_executes_nothing(project, tmp_path):
+    results = tmp_path / HOSTILE_NAME
+    config = tiny_config(str(results))
+    config["generate"]["export_dir"] = f"{results}/export"
+    config["invert"]["mode"] = "per_class"  # the per-class jobs and merge_tokens, besides every other rule
+    project.write_config(config)
+    project_files = files_under(project.root)
+    project.snakemake()
+    assert (results / "report" / "index.html").is_file()
+    assert (results / "export" / "dafusion" / "k1_seed0" / "images.csv").is_file()
+    assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["project", HOSTILE_NAME])
+    assert files_under(project.root) == project_files
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll `condition` until it returns something true; fail saying `what` did not happen in time."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout:.0f} s")
+        time.sleep(0.05)
+    return value
+
+
+def recorded_holder(lock: Path) -> int | None:
+    """The pid a job wrote into `lock` once it took it (read only: probing with flock could take it)."""
+    try:
+        return json.loads(lock.read_text())["pid"]
+    except (OSError, ValueError):
+        return None
+
+
+def is_free(lock: Path) -> bool:
+    handle = try_lock(lock)
+    if handle is not None:
+        handle.close()
+    return handle is not None
+
+
+@pytest.mark.slow
+def test_rerunning_after_killing_the_controller_while_its_jobs_live_gives_the_uninterrupted_shards(project, tmp_path):
+    """kill -9 of the Snakemake process leaves its generate jobs running as orphans. `snakemake
+    --unlock && snakemake` must not let a new job adopt a live orphan's flushed parts: it stops
+    naming the orphan, and once the orphans are gone a rerun gives the bytes of an uninterrupted run."""
+    project.write_config(tiny_config())
+    synthetic = project.root / "results" / "synthetic" / "dafusion" / "k1_seed0"
+    shards = [f"results/synthetic/dafusion/k1_seed0/shard-{i}-of-2.parquet" for i in range(2)]
+    locks = [project.root / f"{shard}.lock" for shard in shards]
+    project.snakemake("results/invert/k1_seed0")  # what the shards need, so that the run below is all generation
+
+    with open(tmp_path / "controller.log", "w") as log:
+        controller = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "--cores", "2", *shards],
+            cwd=project.root, env={**os.environ, "PYTHONPATH": str(project.root)}, stdout=log, stderr=log,
+        )  # fmt: skip
+    orphan = None
+    try:
+        orphan = wait_for(lambda: recorded_holder(locks[0]), 300, "no generate job took the lock of shard 0")
+        os.kill(orphan, signal.SIGSTOP)  # alive and mid-job for as long as the test needs
+        controller.kill()
+        controller.wait(timeout=30)
+
+        project.snakemake("--unlock")
+        rerun = project.snakemake(*shards, check=False, timeout=600)
+        assert rerun.returncode != 0, "a new job ran beside the live orphan of shard 0"
+        job_log = project.root / "results" / "logs" / "generate" / "dafusion" / "k1_seed0" / "shard-0-of-2.log"
+        message = f"shard-0-of-2.parquet.lock is held by pid {orphan} on host {socket.gethostname()}"
+        assert message in job_log.read_text(errors="replace")
+        assert not (project.root / shards[0]).exists()
+
+        os.kill(orphan, signal.SIGCONT)
+        for lock in locks:
+            wait_for(lambda: not lock.exists() or is_free(lock), 300, f"the orphaned job holding {lock} did not end")
+        orphan = None
+        project.snakemake(*shards, timeout=600)
+    finally:
+        if orphan is not None:
+            os.kill(orphan, signal.SIGKILL)
+        controller.kill()
+    recovered = [(project.root / shard).read_bytes() for shard in shards]
+    assert len(read_shards([project.root / shard for shard in shards])) == 4 * 1 * 2  # classes x k x num_per_image
+    assert project.planned_jobs(*shards) == {}
+    assert not list(synthetic.glob("*.partial"))
+
+    project.snakemake(*shards, "--forcerun", "generate", timeout=600)  # an uninterrupted run
+    assert [(project.root / shard).read_bytes() for shard in shards] == recovered

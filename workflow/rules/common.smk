@@ -6,6 +6,7 @@
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -114,8 +115,9 @@ def resolved_config_file():
 
 
 # Every job runs `python -m pipeline <stage> --config {CONFIG_FILE} ...`; Snakemake sets
-# OMP_NUM_THREADS and friends to the job's threads.
-CONFIG_FILE = resolved_config_file()
+# OMP_NUM_THREADS and friends to the job's threads. Quoted once here for the shells, as every other
+# path in a rule's command is with `:q`: `results` may hold spaces or `$(...)`.
+CONFIG_FILE = shlex.quote(resolved_config_file())
 
 
 def model_input():
@@ -150,7 +152,7 @@ def report_outputs():
 
 
 def tokens_arg(wildcards, input):
-    return f"--tokens {input.tokens}" if input.get("tokens") else ""
+    return f"--tokens {shlex.quote(input.tokens)}" if input.get("tokens") else ""
 
 
 def out_dir(wildcards, output):

@@ -18,4 +18,4 @@ if DOWNLOADING:
             benchmark_path("download_dataset", config["dataset"]["name"])
         threads: 1
         shell:
-            "python -m pipeline download --config {CONFIG_FILE} > {log} 2>&1"
+            "python -m pipeline download --config {CONFIG_FILE} > {log:q} 2>&1"

@@ -16,8 +16,8 @@ rule fid_real_features:
     resources:
         gpu=1,
     shell:
-        "python -m pipeline fid-features --config {CONFIG_FILE} --manifest {input.manifest}"
-        " --split {wildcards.split} --out {output} > {log} 2>&1"
+        "python -m pipeline fid-features --config {CONFIG_FILE} --manifest {input.manifest:q}"
+        " --split {wildcards.split:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fid:
@@ -37,8 +37,8 @@ rule fid:
     resources:
         gpu=1,
     shell:
-        "python -m pipeline fid --config {CONFIG_FILE} --real {input.real} --reference {input.reference}"
-        " --synthetic {input.shards} --out {output} > {log} 2>&1"
+        "python -m pipeline fid --config {CONFIG_FILE} --real {input.real:q} --reference {input.reference:q}"
+        " --synthetic {input.shards:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule oracle_scores:
@@ -54,5 +54,5 @@ rule oracle_scores:
         log_path("oracle_scores", f"{{method}}/{SUBSET}"),
     threads: 1
     shell:
-        "python -m pipeline oracle-scores --config {CONFIG_FILE} --manifest {input.manifest}"
-        " --synthetic {input.shards} --out {output} > {log} 2>&1"
+        "python -m pipeline oracle-scores --config {CONFIG_FILE} --manifest {input.manifest:q}"
+        " --synthetic {input.shards:q} --out {output:q} > {log:q} 2>&1"

@@ -18,7 +18,7 @@ rule generate:
             "seed",
             drop=["model.build_tiny", "generate.batch_size", "generate.flush_every", "generate.methods", "generate.num_shards", "generate.export_dir"],
         ),
-        tokens=tokens_arg,
+        tokens=tokens_arg,  # "--tokens <quoted path>" or nothing, so used as {params.tokens} without :q
     log:
         log_path("generate", f"{{method}}/{SUBSET}/shard-{{shard}}-of-{{total}}"),
     benchmark:
@@ -27,8 +27,8 @@ rule generate:
     resources:
         gpu=1,
     shell:
-        "python -m pipeline generate --config {CONFIG_FILE} --subset {input.subset} {params.tokens}"
-        " --method {wildcards.method} --shard {wildcards.shard} --num-shards {wildcards.total} --out {output} > {log} 2>&1"
+        "python -m pipeline generate --config {CONFIG_FILE} --subset {input.subset:q} {params.tokens}"
+        " --method {wildcards.method:q} --shard {wildcards.shard:q} --num-shards {wildcards.total:q} --out {output:q} > {log:q} 2>&1"
 
 
 # export: with generate.export_dir set, each synthetic set also as plain PNG folders for other tools,
@@ -49,4 +49,4 @@ if EXPORT_DIR is not None:
             log_path("export", f"{{method}}/{SUBSET}"),
         threads: 1
         shell:
-            "python -m pipeline export --config {CONFIG_FILE} --synthetic {input} --out {params.out} > {log} 2>&1"
+            "python -m pipeline export --config {CONFIG_FILE} --synthetic {input:q} --out {params.out:q} > {log:q} 2>&1"

@@ -46,7 +46,7 @@ if config["invert"]["mode"] == "joint":
         resources:
             gpu=1,
         shell:
-            "python -m pipeline invert --config {CONFIG_FILE} --subset {input.subset} --out {output} > {log} 2>&1"
+            "python -m pipeline invert --config {CONFIG_FILE} --subset {input.subset:q} --out {output:q} > {log:q} 2>&1"
 
 else:
 
@@ -70,8 +70,8 @@ else:
         resources:
             gpu=1,
         shell:
-            "python -m pipeline invert --config {CONFIG_FILE} --subset {input.subset} --class {params.class_name:q}"
-            " --out {output} > {log} 2>&1"
+            "python -m pipeline invert --config {CONFIG_FILE} --subset {input.subset:q} --class {params.class_name:q}"
+            " --out {output:q} > {log:q} 2>&1"
 
     rule merge_tokens:
         input:
@@ -84,7 +84,7 @@ else:
             log_path("merge_tokens", SUBSET),
         threads: 1
         shell:
-            "python -m pipeline merge-tokens --config {CONFIG_FILE} --tokens {input} --out {output} > {log} 2>&1"
+            "python -m pipeline merge-tokens --config {CONFIG_FILE} --tokens {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule token_samples:
@@ -104,4 +104,4 @@ rule token_samples:
     resources:
         gpu=1,
     shell:
-        "python -m pipeline token-samples --config {CONFIG_FILE} --tokens {input.tokens} --out {output.grid} > {log} 2>&1"
+        "python -m pipeline token-samples --config {CONFIG_FILE} --tokens {input.tokens:q} --out {output.grid:q} > {log:q} 2>&1"

@@ -14,7 +14,7 @@ if config["model"]["build_tiny"]:
             benchmark_path("build_tiny_model", "model")
         threads: 1
         shell:
-            "python -m pipeline build-model --config {CONFIG_FILE} --out {output} > {log} 2>&1"
+            "python -m pipeline build-model --config {CONFIG_FILE} --out {output:q} > {log:q} 2>&1"
 
 
 if config["dataset"]["name"] == "demo":
@@ -30,7 +30,7 @@ if config["dataset"]["name"] == "demo":
             benchmark_path("build_demo_dataset", "demo")
         threads: 1
         shell:
-            "python -m pipeline build-demo --config {CONFIG_FILE} --out {output} > {log} 2>&1"
+            "python -m pipeline build-demo --config {CONFIG_FILE} --out {output:q} > {log:q} 2>&1"
 
 
 checkpoint prepare:
@@ -55,7 +55,7 @@ checkpoint prepare:
         benchmark_path("prepare", "prepare")
     threads: 8
     shell:
-        "python -m pipeline prepare --config {CONFIG_FILE} --out {params.out} --threads {threads} > {log} 2>&1"
+        "python -m pipeline prepare --config {CONFIG_FILE} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule fewshot:
@@ -69,5 +69,5 @@ rule fewshot:
         log_path("fewshot", SUBSET),
     threads: 1
     shell:
-        "python -m pipeline fewshot --config {CONFIG_FILE} --manifest {input.manifest}"
-        " --examples-per-class {wildcards.k} --trial-seed {wildcards.seed} --out {output} > {log} 2>&1"
+        "python -m pipeline fewshot --config {CONFIG_FILE} --manifest {input.manifest:q}"
+        " --examples-per-class {wildcards.k:q} --trial-seed {wildcards.seed:q} --out {output:q} > {log:q} 2>&1"

@@ -16,4 +16,4 @@ rule report:
         log_path("report", "report"),
     threads: 1
     shell:
-        "python -m pipeline report --config {CONFIG_FILE} --out {params.out} > {log} 2>&1"
+        "python -m pipeline report --config {CONFIG_FILE} --out {params.out:q} > {log:q} 2>&1"

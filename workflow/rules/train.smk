@@ -26,5 +26,5 @@ rule train:
     resources:
         gpu=1,
     shell:
-        "python -m pipeline train --config {CONFIG_FILE} --subset {input.subset} --manifest {input.manifest}"
-        " --synthetic {input.shards} --method {wildcards.method} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+        "python -m pipeline train --config {CONFIG_FILE} --subset {input.subset:q} --manifest {input.manifest:q}"
+        " --synthetic {input.shards:q} --method {wildcards.method:q} --seed {wildcards.seed:q} --out {output:q} > {log:q} 2>&1"
