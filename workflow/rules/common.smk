@@ -165,6 +165,20 @@ def download_marker():
     return [f"{config['dataset']['root']}/{MARKER}"] if DOWNLOADING else []
 
 
+def dataset_listing(wildcards):
+    """prepare's param for the dataset's contents: a fingerprint of (path, size, mtime) of the files
+    its reader reads, so adding, removing or replacing one reruns prepare and what depends on it.
+
+    A dataset this workflow writes itself (demo, dataset.download) is an input of prepare instead: its
+    files do not exist yet when the DAG is built, and listing them then would rerun prepare once later.
+    """
+    if config["dataset"]["name"] == "demo" or DOWNLOADING:
+        return "written by the workflow"
+    from pipeline.datasets.listing import listing_fingerprint
+
+    return listing_fingerprint(config["dataset"])
+
+
 # invert ------------------------------------------------------------------------------------------
 
 
