@@ -18,6 +18,7 @@ from pipeline import PipelineError
 from pipeline.config import validate_config
 from pipeline.datasets import BAD_INPUT, NO_OBJECT, NOT_AN_IMAGE, ONLY_CROWD, OTHER_CLASS
 from pipeline.datasets.coco import Instance, CocoImage, instance_rle
+from pipeline.datasets.listing import listing_fingerprint
 from pipeline.demo import build_demo_coco
 from pipeline.io import read_json, read_metadata, read_parquet
 from pipeline.manifest import read_manifest
@@ -484,3 +485,20 @@ def test_folder_bad_image_and_mask_size(tmp_path):
         prepare_dataset(config_for("folder", root), tmp_path / "out")
     summary = prepare_dataset(config_for("folder", root, on_bad_image="skip"), tmp_path / "out")
     assert summary["left_out"] == {BAD_INPUT: 1, NOT_AN_IMAGE: 1}
+
+
+# --- the listing fingerprint the workflow keys prepare on ------------------------------------------
+
+
+def test_listing_fingerprint_follows_the_files_each_reader_reads(coco_root, voc_root, tmp_path):
+    coco, voc = {"name": "coco", "root": str(coco_root)}, {"name": "voc", "root": str(voc_root.parents[1])}
+    before = {"coco": listing_fingerprint(coco), "voc": listing_fingerprint(voc)}
+    # Files the readers never read: beside COCO's folders, and a VOC JPEG no split list names.
+    (coco_root / "README.txt").write_text("notes")
+    Image.new("RGB", (VOC_W, VOC_H)).save(voc_root / "JPEGImages" / "2099_000001.jpg")
+    assert {"coco": listing_fingerprint(coco), "voc": listing_fingerprint(voc)} == before
+    # A replaced image (same name, new file) and a removed one.
+    Image.new("RGB", (W, H), (1, 2, 3)).save(coco_root / "val2017" / "000000000101.jpg")
+    (voc_root / "SegmentationObject" / "2007_000001.png").unlink()
+    after = {"coco": listing_fingerprint(coco), "voc": listing_fingerprint(voc)}
+    assert after["coco"] != before["coco"] and after["voc"] != before["voc"]
