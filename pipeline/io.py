@@ -101,7 +101,10 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path} does not exist")
-    raw = pq.read_schema(path).metadata or {}
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (pa.ArrowInvalid, OSError) as exc:  # empty, cut off, or not Parquet at all
+        raise PipelineError(f"{path} is not a readable Parquet file: {exc}") from None
     out = {}
     for key, value in raw.items():
         key = key.decode()
