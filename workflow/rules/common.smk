@@ -26,8 +26,13 @@ envvars:
 
 from pipeline import PipelineError, layout
 from pipeline.augment import parse_method
-from pipeline.config import stable_json
+from pipeline.config import stable_json, validate_config
 from pipeline.hashing import code_hash, value_hash
+
+try:
+    validate_config(config)
+except PipelineError as exc:
+    raise WorkflowError(f"config error: {exc}") from None
 
 R = config["results"]
 PAIRS = layout.subsets_in(config)
