@@ -14,7 +14,6 @@ A token with n > 1 vectors occupies n tokenizer entries, named as diffusers name
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -23,18 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import PipelineError
 from pipeline.io import read_json, write_json
+from pipeline.layout import class_slug
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 TOKENS_FILE = "tokens.json"
-
-
-def class_slug(class_name: str) -> str:
-    """Lowercase, whitespace runs -> '-', and any other character unsafe in a file name -> '-'."""
-    slug = re.sub(r"\s+", "-", class_name.strip().lower())
-    slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in slug).strip(".")
-    if not any(ch.isalnum() for ch in slug):
-        raise PipelineError(f"class name {class_name!r} leaves nothing to name a token with. Expected letters or digits.")
-    return slug
 
 
 def token_for_class(class_name: str) -> str:
