@@ -49,6 +49,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+# Read once, at import, while no other thread of this process can create a file with it cleared.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def grant_umask_permissions(path: str | Path) -> None:
+    """Give the files in folder `path` (recursively) the mode open() gives: 0666 less the umask.
+
+    safetensors (0.8) writes its files 0600, so tokens and checkpoints in a shared results folder
+    were unreadable to the group the umask lets read every other output.
+    """
+    mode = 0o666 & ~_UMASK
+    for file in Path(path).rglob("*"):
+        if file.is_file() and not file.is_symlink() and file.stat().st_mode & 0o777 != mode:
+            file.chmod(mode)
+
+
 def write_json(path: str | Path, value) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2, sort_keys=False, default=_json_default) + "\n")

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline import PipelineError
-from pipeline.io import read_json, write_json
+from pipeline.io import grant_umask_permissions, read_json, write_json
 from pipeline.layout import class_slug
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
@@ -56,6 +56,7 @@ def write_token_files(out_dir: Path, class_tokens: dict[str, str], vectors: dict
         class_dir = out_dir / token.strip("<>")
         class_dir.mkdir()
         save_file({token: tensors[token]}, str(class_dir / EMBEDDINGS_FILE))
+    grant_umask_permissions(out_dir)
     dims = {t.shape[1] for t in tensors.values()}
     write_json(out_dir / TOKENS_FILE, {"tokens": class_tokens, "dim": dims.pop(), **metadata})
 
