@@ -90,7 +90,7 @@ from pipeline.io import (
     write_json,
     write_parquet,
 )
-from pipeline.manifest import SHARD_SCHEMA, read_manifest, read_shards
+from pipeline.manifest import SHARD_SCHEMA, read_manifest, read_shards, shard_file_table
 from pipeline.progress import progress
 from pipeline.rng import derive_seed, numpy_rng
 from pipeline.tokens import EMBEDDINGS_FILE, add_tokens_to_pipeline, load_token_file
@@ -600,7 +600,7 @@ def generate_shard(
     # Source images left out by generate.on_bad_image: skip: image_id -> why.
     write_parquet(
         out_path,
-        table,
+        shard_file_table(table, read_metadata(subset_path)["classes"]),
         metadata={**provenance, "resamples": dict(sorted(resamples.items())), "skipped": dict(sorted(skipped.items()))},
     )
     shutil.rmtree(partial_dir)
