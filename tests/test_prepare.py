@@ -552,3 +552,21 @@ def test_a_symlink_loop_in_the_root_is_listed(tmp_path):
     prepare_dataset(config_for("folder", root), tmp_path / "out")
     listed = {i["path"]: i["detail"] for i in read_json(tmp_path / "out" / "stats.json")["left_out"]["images"]}
     assert listed["loop"] == "a symbolic link to nothing (broken, or a loop)"
+
+
+def test_damaged_and_oversized_images_are_bad_input(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "data")
+    padded = root / "dog" / "y.jpg"  # large enough that its first half holds all the headers
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(padded)
+    data = padded.read_bytes()
+    padded.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))  # decodes, but cut off
+    with pytest.raises(PipelineError, match=f"image {padded} is a damaged JPEG"):
+        prepare_dataset(config_for("folder", root), tmp_path / "out")
+    big = root / "cat" / "big.png"
+    Image.new("RGB", (90, 90)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # over the limit, under PIL's own error at twice it
+    summary = prepare_dataset(config_for("folder", root, on_bad_image="skip"), tmp_path / "out")
+    assert summary["left_out"][BAD_INPUT] == 2
+    details = {i["path"]: i["detail"] for i in read_json(tmp_path / "out" / "stats.json")["left_out"]["images"]}
+    assert details["cat/big.png"].startswith(f"image {big} is 90x90 = 8100 pixels, over PIL's decompression-bomb limit of 5000")
+    assert details["dog/y.jpg"].startswith(f"image {padded} is a damaged JPEG")
