@@ -3,8 +3,10 @@
 One image, one label: the class of its largest object (see the reader of each dataset in
 pipeline/datasets/ for how "largest" is counted and ties are broken), with that object's binary
 mask saved for methods that need the foreground. Images without a usable object are left out and
-counted in stats.json with the reason; bad files stop the stage or, with on_bad_image: skip, are
-left out and listed there too.
+counted in stats.json with the reason; bad files (undecodable, damaged, over PIL's size limit,
+under MIN_IMAGE_SIDE) stop the stage or, with on_bad_image: skip, are left out and listed there
+too. A dataset that would only fail in a later stage stops here, with the reason: a class without
+train images, or class names that would learn the same token.
 
 Splits are fixed by (seed, image id) alone, never by trial seed or file order: the official
 validation images of each class are ranked by a seeded hash of their ids and the first
