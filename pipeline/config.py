@@ -1,8 +1,9 @@
 """Load and validate the YAML configuration shared by the workflow and the command line.
 
 The schema (config.schema.yaml, also at workflow/schemas/) is the single source of truth for keys,
-types and defaults. Snakemake's `validate` and `load_config` below apply the same schema, so a
-stage run by hand sees exactly the configuration the workflow would have given it.
+types and defaults. The workflow (rules/common.smk) and `load_config` below both validate with
+`validate_config`, so a stage run by hand sees exactly the configuration the workflow would have
+given it, and a bad key gives the same one-line error in both.
 """
 
 from __future__ import annotations

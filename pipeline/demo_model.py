@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.checkpoint import INFO_FILE, weight_hashes
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, grant_umask_permissions, write_json
 from pipeline.progress import progress
 from pipeline.rng import numpy_rng, torch_generator
 
@@ -342,6 +342,7 @@ def pretrain_demo_model(settings: PretrainSettings, out_dir: str | Path) -> Path
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.save_pretrained(tmp)
+        grant_umask_permissions(tmp)
         _write_losses(tmp / LOSS_FILE, run.losses)
         write_json(tmp / INFO_FILE, {
             "note": "small SD 1.x-architecture model trained offline on captioned MNIST digit scenes (pipeline.demo_model)",

@@ -100,10 +100,10 @@ from pipeline.io import (
     write_json,
     write_parquet,
 )
-from pipeline.manifest import SHARD_SCHEMA, read_manifest, read_shards
+from pipeline.manifest import SHARD_SCHEMA, read_manifest, read_shards, shard_file_table
 from pipeline.progress import progress
 from pipeline.rng import derive_seed, numpy_rng
-from pipeline.tokens import EMBEDDINGS_FILE, add_tokens_to_pipeline
+from pipeline.tokens import EMBEDDINGS_FILE, add_tokens_to_pipeline, load_token_file
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,8 @@ def _check_arguments(config: dict, method_name: str, tokens_dir: Path | None, sh
         raise PipelineError(f"unknown generation method {method_name!r}. Expected one of {sorted(METHODS)}.")
     if METHODS[method_name].needs_tokens and tokens_dir is None:
         raise PipelineError(f"method {method_name!r} prompts with learned class tokens. Expected a tokens folder, got none.")
+    if tokens_dir is not None:
+        load_token_file(tokens_dir)  # names a missing or broken file now, before the model loads
     if not 0 <= shard < num_shards:
         raise PipelineError(f"shard {shard} of {num_shards}: expected 0 <= shard < num_shards.")
     if not METHODS[method_name].from_source:
@@ -646,7 +648,7 @@ def _write_shard(config, subset_path, tokens_dir, method, shard, num_shards, out
     # Source images left out by generate.on_bad_image: skip: image_id -> why.
     write_parquet(
         out_path,
-        table,
+        shard_file_table(table, read_metadata(subset_path)["classes"]),
         metadata={**provenance, "resamples": dict(sorted(resamples.items())), "skipped": dict(sorted(skipped.items()))},
     )
     shutil.rmtree(partial_dir)

@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,6 +117,23 @@ def output_lock(out_path: str | Path) -> Iterator[Path]:
         yield lock_path
 
 
+# Read once, at import, while no other thread of this process can create a file with it cleared.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def grant_umask_permissions(path: str | Path) -> None:
+    """Give the files in folder `path` (recursively) the mode open() gives: 0666 less the umask.
+
+    safetensors (0.8) writes its files 0600, so tokens and checkpoints in a shared results folder
+    were unreadable to the group the umask lets read every other output.
+    """
+    mode = 0o666 & ~_UMASK
+    for file in Path(path).rglob("*"):
+        if file.is_file() and not file.is_symlink() and file.stat().st_mode & 0o777 != mode:
+            file.chmod(mode)
+
+
 def write_json(path: str | Path, value) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2, sort_keys=False, default=_json_default) + "\n")
@@ -168,7 +186,10 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path} does not exist")
-    raw = pq.read_schema(path).metadata or {}
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (pa.ArrowInvalid, OSError) as exc:  # empty, cut off, or not Parquet at all
+        raise PipelineError(f"{path} is not a readable Parquet file: {exc}") from None
     out = {}
     for key, value in raw.items():
         key = key.decode()
@@ -190,25 +211,150 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes, what: str = "image") -> Image.Image:
-    """Decode encoded image bytes to RGB; `what` names the source in the error message."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise PipelineError(f"{what}: cannot decode image bytes ({exc})") from None
-    return image.convert("RGB")
+    """Decode encoded image bytes to RGB (see `to_rgb`); `what` names the source in the error message."""
+    return _decoded(data, what, f"{what}: cannot decode image bytes")
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB with an error that names the file."""
+    """Open an image file as RGB (see `to_rgb`) with an error that names the file."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise PipelineError(f"image {path} does not exist") from None
+    except OSError as exc:  # a folder, a symlink loop, no permission
+        raise PipelineError(f"image {path} cannot be read ({exc.strerror or exc})") from None
+    return _decoded(data, f"image {path}", f"image {path} is truncated or not an image")
+
+
+def _decoded(data: bytes, what: str, undecodable: str) -> Image.Image:
+    """`data` decoded to RGB; errors start with `what`, or with `undecodable` when PIL cannot decode it."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        check_pixel_count(image, what)
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise PipelineError(f"{what}: {exc}") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise PipelineError(f"image {path} is truncated or not an image ({exc})") from None
+        raise PipelineError(f"{undecodable} ({exc})") from None
+    if image.format == "JPEG":
+        damage = jpeg_damage(data)
+        if damage:
+            raise PipelineError(f"{what} is a damaged JPEG: {damage}. Expected a complete, uncorrupted file")
+    return to_rgb(image, what)
+
+
+# open_image refuses images over PIL's limit itself, naming the file; PIL's warning for them would
+# only repeat that without the name.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def check_pixel_count(image: Image.Image, what: str) -> None:
+    """Refuse sizes over PIL's decompression-bomb limit before decoding (PIL itself only warns up to twice it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise PipelineError(
+            f"{what} is {image.width}x{image.height} = {image.width * image.height} pixels, over PIL's "
+            f"decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS). Expected a smaller image"
+        )
+
+
+# Fully transparent pixels become this colour, partly transparent ones are blended with it.
+ALPHA_BACKGROUND = (255, 255, 255)
+ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
+PLAIN_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def to_rgb(image: Image.Image, what: str) -> Image.Image:
+    """8-bit RGB of a decoded image of any mode a photo comes in, or PipelineError naming `what`.
+
+    Deep greyscale (16- or 32-bit integers) is scaled by its bit depth, not by its own min/max, so
+    equal values mean equal brightness across images; PIL's convert("RGB") clips it (all white).
+    Transparency (an alpha channel, a palette's or a PNG's transparent colour) is composited on
+    ALPHA_BACKGROUND rather than dropped, which would show whatever colour hides under it.
+    """
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        return _scaled_grey(image, _integer_bit_depth(image)).convert("RGB")
+    if image.mode in ALPHA_MODES or (image.mode in PLAIN_MODES and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    if image.mode in PLAIN_MODES:
+        return image.convert("RGB")
+    raise PipelineError(
+        f"{what} has pixel mode {image.mode!r}. Expected 8-bit greyscale, palette, RGB(A), CMYK, or 16/32-bit "
+        "integer greyscale (floating-point pixels have no bit depth to scale by)"
+    )
+
+
+def _integer_bit_depth(image: Image.Image) -> int:
+    """Bits per pixel of a greyscale image PIL holds as 16- or 32-bit integers."""
+    if image.mode in SIXTEEN_BIT_MODES or image.format == "PNG":  # PNG greyscale is at most 16 bit
+        return 16
+    bits_per_sample = getattr(image, "tag_v2", {}).get(258)  # TIFF BitsPerSample
+    return int(bits_per_sample[0]) if bits_per_sample else 32
+
+
+def _scaled_grey(image: Image.Image, bits: int) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    scaled = np.clip(np.rint(values * (255 / (2**bits - 1))), 0, 255)
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+# JPEG markers that may follow entropy-coded data: restarts, the next scan's tables and header, end.
+_RESTART_MARKERS = range(0xD0, 0xD8)
+_END_OF_IMAGE, _START_OF_SCAN = 0xD9, 0xDA
+
+
+def jpeg_damage(data: bytes) -> str | None:
+    """What is wrong with a JPEG that libjpeg decoded anyway, or None.
+
+    libjpeg recovers from missing and corrupt entropy-coded data (filling grey), and PIL silences
+    its warnings, so a cut-off file padded with zeros or one with a bad marker decodes without a
+    word. This walks the marker structure: every segment where its length says, restart markers
+    in sequence, and an end-of-image marker after the last scan. Bit errors that leave the
+    structure intact are not seen.
+    """
+    position = 2  # after the start-of-image marker, which PIL has checked
+    while True:
+        if position + 2 > len(data) or data[position] != 0xFF:
+            return f"no marker at byte {position} where the previous segment ends"
+        while position + 1 < len(data) and data[position + 1] == 0xFF:  # fill bytes
+            position += 1
+        if position + 2 > len(data):
+            return "the file ends before its end-of-image marker"
+        marker = data[position + 1]
+        if marker == _END_OF_IMAGE:
+            return None
+        if position + 4 > len(data):
+            return f"segment 0xFF{marker:02X} at byte {position} is cut off"
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        position += 2 + length
+        if marker == _START_OF_SCAN:
+            position, damage = _end_of_scan(data, position)
+            if damage:
+                return damage
+
+
+def _end_of_scan(data: bytes, position: int) -> tuple[int, str | None]:
+    """Where the entropy-coded data starting at `position` ends (at the next marker), or what is wrong in it."""
+    expected_restart = 0
+    while True:
+        position = data.find(b"\xff", position)
+        if position < 0 or position + 1 >= len(data):
+            return len(data), "the file ends inside scan data, with no end-of-image marker (cut off or padded)"
+        following = data[position + 1]
+        if following == 0x00 or following == 0xFF:  # a stuffed 0xFF data byte, or fill before a marker
+            position += 1
+            continue
+        if following in _RESTART_MARKERS:
+            if following - 0xD0 != expected_restart:
+                return position, f"restart marker {following - 0xD0} at byte {position} where {expected_restart} was due (data lost)"
+            expected_restart = (expected_restart + 1) % 8
+            position += 2
+            continue
+        if following < 0xC0 or following == 0xC8 or 0xF0 <= following <= 0xFD:  # not a marker that can come next
+            return position, f"byte pair 0xFF{following:02X} at byte {position} inside scan data is not a JPEG marker"
+        return position, None
 
 
 @contextlib.contextmanager

@@ -6,7 +6,10 @@ returns Snakemake patterns) and by the report (called with values it returns the
 
 from __future__ import annotations
 
+import re
 from itertools import product
+
+from pipeline import PipelineError
 
 
 # Generation methods that prompt with the learned class tokens of the invert stage.
@@ -17,6 +20,16 @@ TOKEN_METHODS = frozenset({"dafusion", "inpaint-fg", "inpaint-bg"})
 # The `class` of the batch-loss rows of a joint inversion run in a tokens folder's loss.csv (each
 # class's own rows sit beside them).
 JOINT_LOSS_LABEL = "all"
+
+
+def class_slug(class_name: str) -> str:
+    """A class's name in its token and its tokens subfolder: lowercase, whitespace runs -> '-', and
+    any other character unsafe in a file name -> '-'."""
+    slug = re.sub(r"\s+", "-", class_name.strip().lower())
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in slug).strip(".")
+    if not any(ch.isalnum() for ch in slug):
+        raise PipelineError(f"class name {class_name!r} leaves nothing to name a token with. Expected letters or digits.")
+    return slug
 
 
 def subset_name(k, trial_seed) -> str:

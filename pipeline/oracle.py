@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import PipelineError
-from pipeline.io import atomic_path, decode_image, open_image, read_json, write_json
+from pipeline.io import atomic_path, decode_image, grant_umask_permissions, open_image, read_json, write_json
 from pipeline.progress import progress
 from pipeline.rng import numpy_rng
 
@@ -107,6 +107,7 @@ def train_oracle(settings: OracleSettings, out_dir: str | Path) -> Path:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         save_file(model.state_dict(), tmp / WEIGHTS_FILE)
+        grant_umask_permissions(tmp)
         write_json(tmp / INFO_FILE, {
             "note": "independent demo-domain classifier (pipeline.oracle), trained on the demo's pretrain digit pool only",
             "settings": settings.__dict__,

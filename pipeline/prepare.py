@@ -3,8 +3,10 @@
 One image, one label: the class of its largest object (see the reader of each dataset in
 pipeline/datasets/ for how "largest" is counted and ties are broken), with that object's binary
 mask saved for methods that need the foreground. Images without a usable object are left out and
-counted in stats.json with the reason; bad files stop the stage or, with on_bad_image: skip, are
-left out and listed there too.
+counted in stats.json with the reason; bad files (undecodable, damaged, over PIL's size limit,
+under MIN_IMAGE_SIDE) stop the stage or, with on_bad_image: skip, are left out and listed there
+too. A dataset that would only fail in a later stage stops here, with the reason: a class without
+train images, or class names that would learn the same token.
 
 Splits are fixed by (seed, image id) alone, never by trial seed or file order: the official
 validation images of each class are ranked by a seeded hash of their ids and the first
@@ -31,6 +33,7 @@ from pipeline.datasets.folder import read_folder
 from pipeline.datasets.torchvision_sets import read_caltech101, read_flowers102
 from pipeline.datasets.voc import find_voc_root, read_voc
 from pipeline.io import atomic_path, write_json, write_parquet
+from pipeline.layout import class_slug
 from pipeline.manifest import SPLITS, manifest_table
 from pipeline.progress import progress
 from pipeline.rng import derive_seed
@@ -63,6 +66,7 @@ def prepare_dataset(config: dict, out_dir: Path, threads: int = 1) -> dict:
         root = find_voc_root(root)
     source = READERS[dataset["name"]](root, dataset)
     classes = select_classes(source.classes, dataset["classes"], root)
+    check_distinct_tokens(classes)
     mask_root = (out_dir / "masks").resolve()
     manifest_path = out_dir / "manifest.parquet"
     # A manifest on disk must describe the masks beside it: drop an old one before replacing them.
@@ -90,6 +94,7 @@ def prepare_dataset(config: dict, out_dir: Path, threads: int = 1) -> dict:
         for item in sorted(kept, key=lambda item: item.image_id)
     ]
     stats = split_statistics(dataset["name"], root, classes, rows, source.left_out + [i for i in labelled if i.left_out])
+    check_every_class_has_train_images(stats, root)
 
     write_json(out_dir / "classes.json", classes)
     write_json(out_dir / "stats.json", stats)
@@ -125,6 +130,31 @@ def select_classes(available: list[str], requested: list[str] | None, root: Path
     if duplicates:
         raise PipelineError(f"dataset.classes: {duplicates} listed more than once")
     return list(requested)
+
+
+def check_distinct_tokens(classes: list[str]) -> None:
+    """Refuse class names that would share a learned token (and tokens subfolder): "car side" and "Car-side"."""
+    by_slug: dict[str, list[str]] = defaultdict(list)
+    for name in classes:
+        by_slug[class_slug(name)].append(name)
+    clashes = [names for names in by_slug.values() if len(names) > 1]
+    if clashes:
+        slug = class_slug(clashes[0][0])
+        raise PipelineError(
+            f"classes {clashes[0]} would all learn the token <{slug}>. Expected class names that differ in more "
+            "than case, spaces and punctuation: rename them, or keep one with dataset.classes"
+        )
+
+
+def check_every_class_has_train_images(stats: dict, root: Path) -> None:
+    """Stop here, not in fewshot or invert, when a class has nothing to learn from."""
+    empty = [name for name, count in stats["images"]["train"].items() if count == 0]
+    if empty:
+        counts = ", ".join(f"{n} {reason}" for reason, n in stats["left_out"]["counts"].items()) or "none"
+        raise PipelineError(
+            f"dataset at {root}: classes {empty} have no train images. Expected at least one per class: add "
+            f"images, or leave those classes out with dataset.classes (images left out: {counts})"
+        )
 
 
 def label_all(source: Source, context: LabelContext, threads: int, stop_on_bad_input: bool) -> list[Labelled]:

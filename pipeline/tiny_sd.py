@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline import PipelineError
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, grant_umask_permissions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,7 @@ def _build(
             requires_safety_checker=False,
         )
         pipe.save_pretrained(tmp)
+        grant_umask_permissions(tmp)
         write_json(tmp / info_file, info)
     return out_dir
 

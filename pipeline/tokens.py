@@ -14,7 +14,6 @@ A token with n > 1 vectors occupies n tokenizer entries, named as diffusers name
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -22,19 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline import PipelineError
-from pipeline.io import read_json, write_json
+from pipeline.io import grant_umask_permissions, read_json, write_json
+from pipeline.layout import class_slug
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 TOKENS_FILE = "tokens.json"
-
-
-def class_slug(class_name: str) -> str:
-    """Lowercase, whitespace runs -> '-', and any other character unsafe in a file name -> '-'."""
-    slug = re.sub(r"\s+", "-", class_name.strip().lower())
-    slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in slug).strip(".")
-    if not any(ch.isalnum() for ch in slug):
-        raise PipelineError(f"class name {class_name!r} leaves nothing to name a token with. Expected letters or digits.")
-    return slug
 
 
 def token_for_class(class_name: str) -> str:
@@ -65,6 +56,7 @@ def write_token_files(out_dir: Path, class_tokens: dict[str, str], vectors: dict
         class_dir = out_dir / token.strip("<>")
         class_dir.mkdir()
         save_file({token: tensors[token]}, str(class_dir / EMBEDDINGS_FILE))
+    grant_umask_permissions(out_dir)
     dims = {t.shape[1] for t in tensors.values()}
     write_json(out_dir / TOKENS_FILE, {"tokens": class_tokens, "dim": dims.pop(), **metadata})
 

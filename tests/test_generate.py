@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -152,6 +153,24 @@ def test_shard_metadata(one_shard, tokens_dir):
     assert len(meta["config_hash"]) == 16 and (meta["device"], meta["dtype"]) == ("cpu", "float32")
     assert meta["tokens_sha256"] == hashlib.sha256((tokens_dir / "learned_embeds.safetensors").read_bytes()).hexdigest()
     assert not one_shard.with_name(one_shard.name + ".partial").exists()
+
+
+def test_shards_open_as_images_and_class_labels_in_datasets(one_shard, tmp_path):
+    import datasets
+    import pandas as pd
+
+    in_file_order = read_shards([one_shard])
+    loaded = datasets.load_dataset("parquet", data_files=str(one_shard), split="train", cache_dir=str(tmp_path / "hf"))
+    assert isinstance(loaded.features["image"], datasets.Image)
+    assert loaded.features["label"] == datasets.ClassLabel(names=CLASSES)
+    assert len(loaded) == len(in_file_order)
+    for example, row in zip(loaded, in_file_order):
+        assert np.array_equal(np.asarray(example["image"].convert("RGB"), dtype=np.int16), pixels(row))
+        assert loaded.features["label"].int2str(example["label"]) == row["class_name"]
+        assert example["synthetic_id"] == row["synthetic_id"] and example["strength"] == row["strength"]
+    # pandas and pyarrow read the same PNG bytes, in the struct `datasets` stores images as.
+    assert [image["bytes"] for image in pd.read_parquet(one_shard)["image"]] == [row["image"] for row in in_file_order]
+    assert pq.read_table(one_shard).column("image").combine_chunks().field("bytes").to_pylist() == [row["image"] for row in in_file_order]
 
 
 def test_shard_count_does_not_change_images(rows, model_dir, subset, tokens_dir, tmp_path):

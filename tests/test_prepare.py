@@ -18,6 +18,7 @@ from pipeline import PipelineError
 from pipeline.config import validate_config
 from pipeline.datasets import BAD_INPUT, NO_OBJECT, NOT_AN_IMAGE, ONLY_CROWD, OTHER_CLASS
 from pipeline.datasets.coco import Instance, CocoImage, instance_rle
+from pipeline.datasets.listing import listing_fingerprint
 from pipeline.demo import build_demo_coco
 from pipeline.io import read_json, read_metadata, read_parquet
 from pipeline.manifest import read_manifest
@@ -211,10 +212,11 @@ def test_polygons_with_fewer_than_three_points_enclose_nothing():
 
 def test_demo_is_prepared_through_the_coco_path(tmp_path):
     root = tmp_path / "demo"
-    build_demo_coco(root, {"image_size": 40, "train_images": 10, "val_images": 10, "max_objects": 3}, seed=3)
+    # 20 train images: enough for every digit to decide one (prepare refuses a class without train images)
+    build_demo_coco(root, {"image_size": 40, "train_images": 20, "val_images": 10, "max_objects": 3}, seed=3)
     prepare_dataset(config_for("demo", root), tmp_path / "out")
     rows = manifest_rows(tmp_path / "out")
-    assert len(rows) == 20 and sum(r["split"] == "train" for r in rows.values()) == 10
+    assert len(rows) == 30 and sum(r["split"] == "train" for r in rows.values()) == 20
     for row in rows.values():
         split = row["image_id"].split("-")[1]
         class_name, mask = expected_from_pycocotools(root / "annotations" / f"instances_{split}2017.json", int(row["image_id"].rsplit("-", 1)[1]))
@@ -253,7 +255,8 @@ def test_coco_mask_of_the_wrong_size_and_missing_image(tmp_path):
     with pytest.raises(PipelineError, match=r"coco-train-000000000002 annotation 71: mask size \[9, 10\]"):
         prepare_dataset(config_for("coco", root), tmp_path / "out")
     assert not (tmp_path / "out" / "masks").exists()
-    summary = prepare_dataset(config_for("coco", root, on_bad_image="skip"), tmp_path / "out")
+    # Dogs only: skipping images 2 and 6 leaves the cat and the bird without train images.
+    summary = prepare_dataset(config_for("coco", root, on_bad_image="skip", classes=["dog"]), tmp_path / "out")
     assert summary["left_out"][BAD_INPUT] == 2 and summary["images"]["train"] == 2
     details = {i["image_id"]: i["detail"] for i in read_json(tmp_path / "out" / "stats.json")["left_out"]["images"]}
     assert "mask size" in details["coco-train-000000000002"]
@@ -323,6 +326,10 @@ def voc_scenes():
     objects = np.zeros((VOC_H, VOC_W), np.uint8)
     objects[3:5, 3:5] = 255  # only void and background -> left out
     scenes["2007_000005"] = ("train", objects, {})
+    for class_id in range(1, 21):  # one small object of every class, so that none is without train images
+        objects = np.zeros((VOC_H, VOC_W), np.uint8)
+        objects[0:2, 0:2] = 1
+        scenes[f"2009_{class_id:06d}"] = ("train", objects, {1: class_id})
     for index, class_name in enumerate(["cat", "cat", "cat", "cat", "dog", "dog"], start=1):
         objects = np.zeros((VOC_H, VOC_W), np.uint8)
         objects[1 : 3 + index, 2:8] = 1
@@ -379,12 +386,12 @@ def test_voc_labels_and_masks_match_torchvision_reading(voc_root, tmp_path):
             assert (row["width"], row["height"]) == image.size
             assert (row["split"] == "train") == (split == "train")
             checked += 1
-    assert checked == 10
+    assert checked == 10 + 20
     assert {n: rows[f"voc-{n}"]["class_name"] for n in ["2007_000001", "2007_000002", "2007_000003", "2007_000004"]} == {
         "2007_000001": "cat", "2007_000002": "horse", "2007_000003": "bird", "2007_000004": "cow",
     }
     assert summary["left_out"] == {NO_OBJECT: 1}
-    assert summary["images"] == {"train": 4, "val": 3, "test": 3}
+    assert summary["images"] == {"train": 4 + 20, "val": 3, "test": 3}
 
 
 @pytest.mark.parametrize("level", [0, 1, 2], ids=["VOC2012", "VOCdevkit", "above VOCdevkit"])
@@ -421,7 +428,7 @@ def test_voc_bad_input_names_the_file(tmp_path, problem):
     with pytest.raises(PipelineError, match=expected.replace("[", r"\[")):
         prepare_dataset(config_for("voc", root), tmp_path / "out")
     summary = prepare_dataset(config_for("voc", root, on_bad_image="skip"), tmp_path / "out")
-    assert summary["left_out"] == {BAD_INPUT: 1, NO_OBJECT: 1} and summary["images"]["train"] == 3
+    assert summary["left_out"] == {BAD_INPUT: 1, NO_OBJECT: 1} and summary["images"]["train"] == 3 + 20
     listed = [i for i in read_json(tmp_path / "out" / "stats.json")["left_out"]["images"] if i["reason"] == BAD_INPUT]
     assert listed[0]["image_id"] == "voc-2007_000002" and expected in listed[0]["detail"]
 
@@ -484,3 +491,82 @@ def test_folder_bad_image_and_mask_size(tmp_path):
         prepare_dataset(config_for("folder", root), tmp_path / "out")
     summary = prepare_dataset(config_for("folder", root, on_bad_image="skip"), tmp_path / "out")
     assert summary["left_out"] == {BAD_INPUT: 1, NOT_AN_IMAGE: 1}
+
+
+# --- the listing fingerprint the workflow keys prepare on ------------------------------------------
+
+
+def test_listing_fingerprint_follows_the_files_each_reader_reads(coco_root, voc_root, tmp_path):
+    coco, voc = {"name": "coco", "root": str(coco_root)}, {"name": "voc", "root": str(voc_root.parents[1])}
+    before = {"coco": listing_fingerprint(coco), "voc": listing_fingerprint(voc)}
+    # Files the readers never read: beside COCO's folders, and a VOC JPEG no split list names.
+    (coco_root / "README.txt").write_text("notes")
+    Image.new("RGB", (VOC_W, VOC_H)).save(voc_root / "JPEGImages" / "2099_000001.jpg")
+    assert {"coco": listing_fingerprint(coco), "voc": listing_fingerprint(voc)} == before
+    # A replaced image (same name, new file) and a removed one.
+    Image.new("RGB", (W, H), (1, 2, 3)).save(coco_root / "val2017" / "000000000101.jpg")
+    (voc_root / "SegmentationObject" / "2007_000001.png").unlink()
+    after = {"coco": listing_fingerprint(coco), "voc": listing_fingerprint(voc)}
+    assert after["coco"] != before["coco"] and after["voc"] != before["voc"]
+
+
+# --- degenerate datasets stop at prepare, with the reason -------------------------------------------
+
+
+def test_class_without_train_images_stops_prepare(tmp_path):
+    root = write_folder(tmp_path / "data")
+    (root / "bird").mkdir()
+    with pytest.raises(PipelineError, match=r"classes \['bird'\] have no train images"):
+        prepare_dataset(config_for("folder", root), tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+def test_coco_without_categories_stops_prepare(coco_root, tmp_path):
+    for split in ("train", "val"):
+        (coco_root / "annotations" / f"instances_{split}2017.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    with pytest.raises(PipelineError, match=r"instances_train2017.json: 'categories' is empty"):
+        prepare_dataset(config_for("coco", coco_root), tmp_path / "out")
+
+
+def test_tiny_images_are_bad_input(tmp_path):
+    root = write_folder(tmp_path / "data")
+    tiny = root / "cat" / "tiny.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    with pytest.raises(PipelineError, match=f"image {tiny} is 1x1 px. Expected at least 8 px a side"):
+        prepare_dataset(config_for("folder", root), tmp_path / "out")
+    summary = prepare_dataset(config_for("folder", root, on_bad_image="skip"), tmp_path / "out")
+    assert summary["left_out"][BAD_INPUT] == 1 and "folder-cat/tiny.png" not in manifest_rows(tmp_path / "out")
+
+
+def test_class_names_that_would_share_a_token_stop_prepare(tmp_path):
+    root = write_folder(tmp_path / "data")
+    (root / "Cat").mkdir()
+    Image.new("RGB", (W, H)).save(root / "Cat" / "e.png")
+    with pytest.raises(PipelineError, match=r"classes \['Cat', 'cat'\] would all learn the token <cat>"):
+        prepare_dataset(config_for("folder", root), tmp_path / "out")
+
+
+def test_a_symlink_loop_in_the_root_is_listed(tmp_path):
+    root = write_folder(tmp_path / "data")
+    (root / "loop").symlink_to(root / "loop")
+    prepare_dataset(config_for("folder", root), tmp_path / "out")
+    listed = {i["path"]: i["detail"] for i in read_json(tmp_path / "out" / "stats.json")["left_out"]["images"]}
+    assert listed["loop"] == "a symbolic link to nothing (broken, or a loop)"
+
+
+def test_damaged_and_oversized_images_are_bad_input(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "data")
+    padded = root / "dog" / "y.jpg"  # large enough that its first half holds all the headers
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(padded)
+    data = padded.read_bytes()
+    padded.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))  # decodes, but cut off
+    with pytest.raises(PipelineError, match=f"image {padded} is a damaged JPEG"):
+        prepare_dataset(config_for("folder", root), tmp_path / "out")
+    big = root / "cat" / "big.png"
+    Image.new("RGB", (90, 90)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # over the limit, under PIL's own error at twice it
+    summary = prepare_dataset(config_for("folder", root, on_bad_image="skip"), tmp_path / "out")
+    assert summary["left_out"][BAD_INPUT] == 2
+    details = {i["path"]: i["detail"] for i in read_json(tmp_path / "out" / "stats.json")["left_out"]["images"]}
+    assert details["cat/big.png"].startswith(f"image {big} is 90x90 = 8100 pixels, over PIL's decompression-bomb limit of 5000")
+    assert details["dog/y.jpg"].startswith(f"image {padded} is a damaged JPEG")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -43,6 +45,10 @@ def test_tiny_build_takes_ready_made_tokenizer_files(tmp_path, tokenizer_dir):
     files = sorted(p.relative_to(from_open_clip) for p in from_open_clip.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(from_folder) for p in from_folder.rglob("*") if p.is_file())
     assert all((from_open_clip / f).read_bytes() == (from_folder / f).read_bytes() for f in files)
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert weights and all((from_open_clip / f).stat().st_mode & 0o777 == 0o666 & ~umask for f in weights)  # not 0600
 
 
 def test_missing_tokenizer_files_are_named(tmp_path):

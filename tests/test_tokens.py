@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,19 @@ def test_token_files_round_trip(tmp_path):
     assert all(torch.equal(loaded[t], vectors[t]) for t in vectors)
     single = load_file(tmp_path / "tokens" / "traffic-light" / EMBEDDINGS_FILE)
     assert list(single) == ["<traffic-light>"] and torch.equal(single["<traffic-light>"], vectors["<traffic-light>"])
+
+
+def umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def test_token_files_get_the_mode_the_umask_allows(tmp_path):
+    """safetensors alone writes 0600; outputs are readable as the umask allows, like every other one."""
+    write_tokens(tmp_path / "tokens", {"dog": "<dog>"})
+    for path in (tmp_path / "tokens" / EMBEDDINGS_FILE, tmp_path / "tokens" / "dog" / EMBEDDINGS_FILE):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~umask())
 
 
 @pytest.mark.parametrize(

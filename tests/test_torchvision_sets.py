@@ -127,8 +127,11 @@ def test_caltech101_missing_dataset_names_the_expected_layout(tmp_path):
 # --- Flowers-102 --------------------------------------------------------------------------------
 
 # image number -> label (1-based, as in imagelabels.mat); 60 is "pink-yellow dahlia"
-FLOWER_LABELS = [1, 5, 102, 60, 1, 5, 102, 60, 1, 5, 102, 60]
-SETID = {"trnid": [1, 2, 3, 4], "valid": [5, 6, 7, 8], "tstid": [9, 10, 11, 12]}
+# Images 13 to 114: one more train image of every class (prepare refuses a class without train images).
+EVERY_CLASS = list(range(1, 103))
+FLOWER_LABELS = [1, 5, 102, 60, 1, 5, 102, 60, 1, 5, 102, 60] + EVERY_CLASS
+SETID = {"trnid": [1, 2, 3, 4] + list(range(13, 13 + len(EVERY_CLASS))), "valid": [5, 6, 7, 8], "tstid": [9, 10, 11, 12]}
+SPLIT_SIZES = {"train": 4 + len(EVERY_CLASS), "val": 4, "test": 4}
 
 
 def write_flowers(root, labels=FLOWER_LABELS, setid=SETID):
@@ -152,12 +155,12 @@ def test_flowers102_official_splits_and_labels_match_torchvision(tmp_path, torch
     summary = prepare_dataset(config_for("flowers102", tmp_path / "data"), out)
     rows = manifest_rows(out)
     assert read_json(out / "classes.json") == list(FLOWERS_CLASSES) and len(FLOWERS_CLASSES) == 102
-    assert summary["images"] == {"train": 4, "val": 4, "test": 4}
+    assert summary["images"] == SPLIT_SIZES
 
     by_path = {row["path"]: row for row in rows.values()}
     for split in ("train", "val", "test"):
         reference = Flowers102(str(tmp_path / "data"), split=split, loader=lambda path: path)
-        assert len(reference) == 4
+        assert len(reference) == SPLIT_SIZES[split]
         for path, label in reference:
             row = by_path[f"flowers-102/jpg/{path.name}"]
             assert (row["split"], row["label"]) == (split, label)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import tiny_config
 from pipeline.io import try_lock
@@ -36,7 +37,10 @@ def test_config_error_names_the_key(project, key, value):
     project.write_config(config)
     proc = project.snakemake("-n", check=False)
     assert proc.returncode != 0
-    assert key in proc.stdout + proc.stderr
+    # One line naming the key, as from the command line, not Snakemake's dump of the whole schema.
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("config error: ")]
+    assert len(errors) == 1 and key in errors[0], proc.stderr
+    assert len((proc.stdout + proc.stderr).splitlines()) < 10, proc.stderr
 
 
 def test_missing_dataset_root_stops_before_any_job(project):
@@ -64,6 +68,42 @@ def test_dry_run_plans_every_stage(project):
     assert jobs["train"] == 2  # baseline + dafusion
     for rule in ("build_tiny_model", "build_demo_dataset", "prepare", "fewshot", "invert", "fid_real_features", "fid", "report"):
         assert jobs.get(rule, 0) >= 1, rule
+
+
+def write_class_folders(root, per_class=6):
+    for index, class_name in enumerate(["cat", "dog"]):
+        (root / class_name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (40 * index, 10 * i, 0)).save(root / class_name / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_dataset_contents_are_part_of_prepares_key(project):
+    config = tiny_config()
+    config["dataset"].update(name="folder", root="data", classes=None)
+    project.write_config(config)
+    data = project.root / "data"
+    write_class_folders(data)
+    subset = "results/subsets/k1_seed0.parquet"
+    project.snakemake(subset)
+    assert project.planned_jobs(subset) == {}
+    rerun = {"prepare": 1, "fewshot": 1}
+
+    # A file outside the dataset, and one the reader never looks at (hidden), change nothing.
+    (project.root / "notes.txt").write_text("unrelated")
+    (data / "cat" / ".thumbs").write_text("hidden")
+    assert project.planned_jobs(subset) == {}
+
+    added = data / "dog" / "new.png"
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(added)
+    assert project.planned_jobs(subset) == rerun
+    added.unlink()
+    assert project.planned_jobs(subset) == {}  # back to the listing prepare ran on
+
+    (data / "cat" / "0.png").unlink()
+    assert project.planned_jobs(subset) == rerun
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(data / "cat" / "0.png")  # replaced: same name, another file
+    assert project.planned_jobs(subset) == rerun
 
 
 @pytest.mark.slow

@@ -36,6 +36,10 @@ OTHER_CLASS = "deciding object's class not in dataset.classes"
 NOT_AN_IMAGE = "not an image file"
 BAD_INPUT = "bad input"
 
+# The smallest image side prepare keeps; a smaller one is a bad input (dataset.on_bad_image). Stages
+# scale images to model.resolution and train.image_size, so it would be blown up from next to nothing.
+MIN_IMAGE_SIDE = 8
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -79,9 +83,16 @@ def label_or_reject(label_image: Callable[[Any, LabelContext], Labelled], contex
     prepare decides whether that stops the stage (on_bad_image: error) or is listed (skip).
     """
     try:
-        return label_image(job, context)
+        labelled = label_image(job, context)
     except PipelineError as exc:
         return Labelled(job.image_id, job.path, job.source_split, left_out=BAD_INPUT, detail=str(exc))
+    if labelled.left_out is None and min(labelled.width, labelled.height) < MIN_IMAGE_SIDE:
+        detail = (
+            f"image {context.root / job.path} is {labelled.width}x{labelled.height} px. Expected at least "
+            f"{MIN_IMAGE_SIDE} px a side"
+        )
+        return Labelled(job.image_id, job.path, job.source_split, left_out=BAD_INPUT, detail=detail)
+    return labelled
 
 
 def left_out(job, reason: str, detail: str | None = None, class_name: str | None = None) -> Labelled:

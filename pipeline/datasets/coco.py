@@ -72,7 +72,9 @@ def read_coco(root: Path, dataset_cfg: dict) -> Source:
             jobs.append(
                 CocoImage(image_id, f"{image_folder}/{image['file_name']}", source_split, *image["size"], image["instances"])
             )
-    return Source(classes=classes or [], jobs=jobs, label_image=label_image)
+    if not classes:
+        raise PipelineError(f"{root / SPLIT_FILES['train'][0]}: 'categories' is empty. Expected at least one category")
+    return Source(classes=classes, jobs=jobs, label_image=label_image)
 
 
 def read_instances(path: Path) -> tuple[dict[int, str], dict[int, dict]]:

@@ -60,8 +60,8 @@ def read_class_folders(root: Path) -> Source:
         raise PipelineError(f"dataset.root {root} has no class folders. Expected root/<class>/<image files>")
     jobs: list[FolderImage] = []
     skipped: list[Labelled] = []
-    for entry in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        skipped.append(_not_an_image(root, entry, "files directly in the root belong to no class"))
+    for entry in sorted(p for p in root.iterdir() if not p.is_dir() and not p.name.startswith(".")):
+        skipped.append(_not_an_image(root, entry, _no_class_reason(entry)))
     for folder in class_folders:
         for entry in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
             if entry.is_dir() and entry.name == MASK_FOLDER:
@@ -75,6 +75,12 @@ def read_class_folders(root: Path) -> Source:
             mask_path = mask.relative_to(root).as_posix() if mask.is_file() else None
             jobs.append(FolderImage(f"folder-{relative}", relative, "unsplit", folder.name, mask_path))
     return Source(classes=[f.name for f in class_folders], jobs=jobs, label_image=label_image, left_out=skipped)
+
+
+def _no_class_reason(entry: Path) -> str:
+    if entry.is_symlink() and not entry.exists():
+        return "a symbolic link to nothing (broken, or a loop)"
+    return "files directly in the root belong to no class"
 
 
 def _not_an_image(root: Path, entry: Path, detail: str) -> Labelled:

@@ -28,8 +28,13 @@ envvars:
 from pipeline import PipelineError, layout
 from pipeline.augment import parse_method
 from pipeline.checkpoint import check_corpus_disjoint, is_local, verify_if_local
-from pipeline.config import stable_json
+from pipeline.config import stable_json, validate_config
 from pipeline.hashing import code_hash, value_hash
+
+try:
+    validate_config(config)
+except PipelineError as exc:
+    raise WorkflowError(f"config error: {exc}") from None
 
 R = config["results"]
 PAIRS = layout.subsets_in(config)
@@ -182,6 +187,20 @@ if DOWNLOADING and config["dataset"]["name"] not in DOWNLOADABLE:
 def download_marker():
     """The completion marker when this workflow downloads the dataset; nothing otherwise."""
     return [f"{config['dataset']['root']}/{MARKER}"] if DOWNLOADING else []
+
+
+def dataset_listing(wildcards):
+    """prepare's param for the dataset's contents: a fingerprint of (path, size, mtime) of the files
+    its reader reads, so adding, removing or replacing one reruns prepare and what depends on it.
+
+    A dataset this workflow writes itself (demo, dataset.download) is an input of prepare instead: its
+    files do not exist yet when the DAG is built, and listing them then would rerun prepare once later.
+    """
+    if config["dataset"]["name"] == "demo" or DOWNLOADING:
+        return "written by the workflow"
+    from pipeline.datasets.listing import listing_fingerprint
+
+    return listing_fingerprint(config["dataset"])
 
 
 # invert ------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ checkpoint prepare:
             drop=["dataset.examples_per_class", "dataset.trial_seeds", "dataset.allow_fewer", "dataset.demo", "dataset.download"],
         ),
         out=out_dir,
+        listing=dataset_listing,
     log:
         log_path("prepare", "prepare"),
     benchmark:
