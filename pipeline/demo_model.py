@@ -35,6 +35,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -353,7 +354,7 @@ def pretrain_demo_model(settings: PretrainSettings, out_dir: str | Path) -> Path
             "final_loss": {phase: _mean_last(run.losses, phase) for phase in ("vae", "unet")},
             "sha256": weight_hashes(tmp),
         })
-    _remove_partial(partial_dir)
+    shutil.rmtree(partial_dir)
     log.info("demo model at %s: vae loss %.4f, unet loss %.4f, %.0f s", out_dir, _mean_last(run.losses, "vae"), _mean_last(run.losses, "unet"), sum(run.seconds.values()))
     return out_dir
 
@@ -368,9 +369,3 @@ def _write_losses(path: Path, losses) -> None:
         writer = csv.writer(handle)
         writer.writerow(["phase", "step", "loss"])
         writer.writerows((phase, step, f"{loss:.6f}") for phase, step, loss in losses)
-
-
-def _remove_partial(partial_dir: Path) -> None:
-    for path in sorted(partial_dir.rglob("*"), reverse=True):
-        path.unlink() if path.is_file() else path.rmdir()
-    partial_dir.rmdir()
