@@ -62,6 +62,24 @@ def weight_hashes(model_dir: Path) -> dict[str, str]:
     }
 
 
+def check_recorded_hashes(folder: Path, info_path: Path) -> None:
+    """The weights files of `folder` must be exactly those `info_path` records under `sha256`
+    ({relative path: digest}), with those digests."""
+    recorded = read_json(info_path).get("sha256", {})
+    found = weight_hashes(folder)
+    for name, digest in recorded.items():
+        if name not in found:
+            raise PipelineError(f"{folder / name}: missing; {info_path.name} records it with sha256 {digest}")
+        if found[name] != digest:
+            raise PipelineError(
+                f"{folder / name}: sha256 {found[name][:12]}... does not match {digest[:12]}... recorded in {info_path}: "
+                "the file is truncated, corrupt or from another model. Restore it (git checkout) or retrain (see its README)."
+            )
+    extra = sorted(set(found) - set(recorded))
+    if extra:
+        raise PipelineError(f"{folder}: weights {', '.join(extra)} are not recorded in {info_path.name}; expected only {', '.join(sorted(recorded))}")
+
+
 def verify_checkpoint(model_dir: str | Path) -> None:
     """Check a local checkpoint folder before anything loads it.
 
@@ -77,20 +95,7 @@ def verify_checkpoint(model_dir: str | Path) -> None:
     info_path = model_dir / INFO_FILE
     if not info_path.is_file():
         return
-    recorded = read_json(info_path).get("sha256", {})
-    found = weight_hashes(model_dir)
-    for name, digest in recorded.items():
-        if name not in found:
-            raise PipelineError(f"{model_dir / name}: missing; {info_path.name} records it with sha256 {digest}")
-        if found[name] != digest:
-            raise PipelineError(
-                f"{model_dir / name}: sha256 {found[name][:12]}... does not match {digest[:12]}... recorded in {info_path}: "
-                "the file is truncated, corrupt or from another model. Restore it (git checkout) or retrain (see its README)."
-            )
-    extra = sorted(set(found) - set(recorded))
-    if extra:
-        raise PipelineError(f"{model_dir}: weights {', '.join(extra)} are not recorded in {info_path.name}; expected only {', '.join(sorted(recorded))}")
-
+    check_recorded_hashes(model_dir, info_path)
 
 def _check_architecture(model_dir: Path) -> None:
     """The components must fit together as SD 1.x's do (text width = cross-attention width, VAE

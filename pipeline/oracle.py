@@ -14,7 +14,6 @@ image's class and the mean absolute pixel difference to the source, per t0 (stre
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import PipelineError
-from pipeline.io import atomic_path, decode_image, grant_umask_permissions, open_image, read_json, write_json
+from pipeline.checkpoint import check_recorded_hashes, weight_hashes
+from pipeline.io import atomic_path, decode_image, grant_umask_permissions, open_image, write_json
 from pipeline.progress import progress
 from pipeline.rng import numpy_rng
 
@@ -112,7 +112,7 @@ def train_oracle(settings: OracleSettings, out_dir: str | Path) -> Path:
             "note": "independent demo-domain classifier (pipeline.oracle), trained on the demo's pretrain digit pool only",
             "settings": settings.__dict__,
             "held_out_accuracy": held_out_accuracy,
-            "sha256": hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest(),
+            "sha256": weight_hashes(tmp),
         })
     log.info("oracle at %s: %.1f%% on %d held-out pretraining scenes", out_dir, 100 * held_out_accuracy, held_out)
     return Path(out_dir)
@@ -123,15 +123,9 @@ def load_oracle(path: str | Path) -> OracleNet:
     from safetensors.torch import load_file
 
     path = Path(path)
-    weights, info_path = path / WEIGHTS_FILE, path / INFO_FILE
-    if not weights.is_file():
-        raise PipelineError(f"oracle: {weights} does not exist. Expected the oracle folder (models/oracle)")
-    recorded = read_json(info_path)["sha256"]
-    found = hashlib.sha256(weights.read_bytes()).hexdigest()
-    if found != recorded:
-        raise PipelineError(f"{weights}: sha256 {found[:12]}... does not match {recorded[:12]}... recorded in {info_path}")
+    check_recorded_hashes(path, path / INFO_FILE)
     model = OracleNet()
-    model.load_state_dict(load_file(weights))
+    model.load_state_dict(load_file(path / WEIGHTS_FILE))
     return model.eval()
 
 
@@ -167,11 +161,12 @@ def score_shards(oracle_dir: str | Path, shard_paths: list[str | Path], manifest
     rows = [r for r in read_shards(shard_paths) if not r.get("nsfw")]
     images = [decode_image(r["image"], f"synthetic image {r['synthetic_id']}") for r in rows]
     agrees = [CLASS_NAMES[guess] == row["class_name"] for row, guess in zip(rows, predict(oracle, images))]
+    source_images = {image_id: open_image(sources[image_id]["path"]) for image_id in sorted({r["image_id"] for r in rows})}
     by_strength: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"agree": [], "mad": []})
     for row, image, agree in zip(rows, images, agrees):
         key = "none" if row["strength"] is None else f"{row['strength']:.4g}"
         by_strength[key]["agree"].append(float(agree))
-        by_strength[key]["mad"].append(mean_abs_difference(image, open_image(sources[row["image_id"]]["path"])))
+        by_strength[key]["mad"].append(mean_abs_difference(image, source_images[row["image_id"]]))
     test_rows = [r for r in manifest_rows if r["split"] == "test"]
     test_guesses = predict(oracle, [open_image(r["path"]) for r in test_rows])
     result = {
