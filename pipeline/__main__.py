@@ -226,11 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Stages whose outputs are data that later stages consume byte for byte: they compute on the config's
+# `cpu_threads`, whatever the job was given (pipeline.device, "CPU threads"). FID and the oracle's
+# scores are measurements printed to a few digits; they keep the job's threads for speed.
+PINNED_THREADS = {cmd_pretrain_demo_model, cmd_train_oracle, cmd_invert, cmd_token_samples, cmd_generate, cmd_train}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
         config = load_config(args.config)
+        if args.func in PINNED_THREADS:
+            from pipeline.device import pin_cpu_threads
+
+            pin_cpu_threads(config["cpu_threads"])
         args.func(args, config)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

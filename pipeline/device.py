@@ -1,4 +1,5 @@
-"""Which torch device and dtype a stage runs on, and which GPU a job gets on a multi-GPU workstation.
+"""Which torch device and dtype a stage runs on, which GPU a job gets on a multi-GPU workstation, and
+how many threads torch computes on.
 
 Snakemake's `--resources gpu=4` lets four GPU jobs run at once but assigns no device ids. Each job
 therefore claims a free GPU itself: it takes an exclusive `flock` on one lock file per device and
@@ -83,3 +84,37 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# -- CPU threads -----------------------------------------------------------------------------------
+#
+# A float sum that torch splits over T threads adds its partial sums in a T-dependent order, so
+# convolutions, matmuls and reductions on the CPU round differently at 1 and 2 threads (one pixel
+# level in generated images, ~1e-7 in losses and token vectors). Stages that make data therefore
+# compute on a fixed count from the config (`cpu_threads`), not on whatever the job was given; the
+# job's own count still sizes host-side work that changes no result, such as decoding.
+
+_job_threads: int | None = None
+
+
+def pin_cpu_threads(count: int) -> None:
+    """Compute on exactly `count` torch threads for the rest of the process."""
+    global _job_threads
+    if _job_threads is None:
+        _job_threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    if count != _job_threads:
+        log.debug("computing on %d CPU thread(s) (config cpu_threads) of the job's %d", count, _job_threads)
+
+
+def host_threads() -> int:
+    """Threads for host-side work that changes no result: the job's count, even when compute is pinned."""
+    return _job_threads or torch.get_num_threads()
+
+
+def cpu_numerics(device: torch.device) -> dict:
+    """What, besides the inputs, sets the last bits of results computed on `device`: recorded beside
+    them and part of every resume key. Nothing for GPUs, whose kernels no CPU setting changes."""
+    if device.type != "cpu":
+        return {}
+    return {"cpu_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}

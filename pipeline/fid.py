@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import PipelineError
-from pipeline.device import resolve_device
+from pipeline.device import host_threads, resolve_device
 from pipeline.io import atomic_path, batched, decode_image, open_image, threaded_map, write_json
 from pipeline.manifest import SPLITS, read_manifest, read_shards
 from pipeline.progress import progress
@@ -224,10 +224,10 @@ def extract_features(
     threads: int | None = None,
 ) -> np.ndarray:
     """(len(items), 2048) float32 pool features of the images `load` makes of `items`, `batch_size`
-    at a time. `threads` host threads (default: torch's, which Snakemake sets to the job's threads)
+    at a time. `threads` host threads (default: the job's, which Snakemake sets)
     decode and resize the next two batches while the network runs on this one: on a GPU the
     host side, about 8 ms per 512 px PNG on one core, is otherwise the bottleneck."""
-    threads = threads or torch.get_num_threads()
+    threads = threads or host_threads()
     chunks = []
     with (
         torch.inference_mode(),

@@ -87,7 +87,7 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
 from pipeline import PipelineError, __version__, sdedit
-from pipeline.device import resolve_device, resolve_dtype
+from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
 from pipeline.hashing import value_hash
 from pipeline.io import (
     atomic_path,
@@ -366,6 +366,7 @@ def _provenance(config: dict, method_name, subset_path, tokens_dir, shard, num_s
         "tokens_sha256": _sha256(tokens_dir / EMBEDDINGS_FILE) if tokens_dir is not None else None,
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
+        **cpu_numerics(device),
     }
 
 

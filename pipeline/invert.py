@@ -33,7 +33,7 @@ from torch import nn
 
 from pipeline import PipelineError, layout
 from pipeline.checkpoint import verify_if_local
-from pipeline.device import resolve_device, resolve_dtype
+from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
 from pipeline.hashing import value_hash
 from pipeline.io import atomic_path, open_image, output_lock, read_json
 from pipeline.manifest import read_manifest
@@ -310,6 +310,7 @@ def train_token_vectors(
             "images": {c: [str(p) for p in class_paths[c]] for c in classes},
             "initial": initial.tolist(),
             "invert": {k: v for k, v in invert_config.items() if k not in ("checkpoint_every", "mode", "samples")},
+            **cpu_numerics(components.device),
         }
     )
     losses: list[tuple[float, dict[str, float]]] = []
@@ -487,6 +488,7 @@ def _learn_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: l
         "steps": invert_config["steps"],
         "seed": config["seed"],
         "subset": str(subset_path),
+        **cpu_numerics(device),
     }
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()

@@ -69,7 +69,7 @@ from torchvision.transforms.v2.functional import rotate
 from pipeline import PipelineError
 from pipeline.augment import batch_transform, image_transform, is_synthetic_only, parse_method
 from pipeline.backbones import Classifier, build_backbone
-from pipeline.device import resolve_device
+from pipeline.device import cpu_numerics, host_threads, resolve_device
 from pipeline.io import batched, decode_image, open_image, threaded_map, write_json
 from pipeline.manifest import read_manifest, read_shards
 from pipeline.progress import progress
@@ -217,6 +217,7 @@ def train_classifier(
         "image_size": options["image_size"],
         "cached_features": cached,
         "device": str(device),
+        **cpu_numerics(device),
         "curve": fit.curve,
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -501,7 +502,7 @@ class _Loader:
     def __init__(self, options: dict, device: torch.device, threads: int | None = None):
         self.size = options["image_size"]
         self.batch_size = options["inference_batch_size"]
-        self.threads = threads or torch.get_num_threads()
+        self.threads = threads or host_threads()
         self.device = device
 
     def batches(self, rows: list[dict], desc: str) -> Iterator[torch.Tensor]:

@@ -24,7 +24,7 @@ ORACLE = REPO / "models" / "oracle"
 TINY = dm.PretrainSettings(
     seed=0, resolution=32, corpus_images=24, max_objects=2, named_classes=NAMED_CLASSES, caption_dropout=0.25,
     vae_steps=2, vae_batch_size=2, vae_learning_rate=1e-3, vae_crop=16, kl_weight=1e-9,
-    unet_steps=3, unet_batch_size=2, unet_learning_rate=1e-3, warmup_steps=1, checkpoint_every=1,
+    unet_steps=3, unet_batch_size=2, unet_learning_rate=1e-3, warmup_steps=1, cpu_threads=1, checkpoint_every=1,
 )
 
 

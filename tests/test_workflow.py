@@ -150,6 +150,18 @@ def test_end_to_end_run_and_cache(project):
     project.write_config(config)
     assert project.planned_jobs() == {}
 
+    # Jobs given more threads compute on the same pinned count (cpu_threads): nothing to redo.
+    assert project.planned_jobs("--set-threads", "generate=2", "invert=2", "train=2") == {}
+    # Another pinned count moves the last bits of what the pinned stages make, so they rerun.
+    config["cpu_threads"] = 2
+    project.write_config(config)
+    jobs = project.planned_jobs()
+    assert (jobs.get("invert"), jobs.get("token_samples"), jobs.get("generate"), jobs.get("train")) == (1, 1, 2, 2), jobs
+    for rule in ("prepare", "fewshot", "fid_real_features", "build_tiny_model", "build_demo_dataset"):
+        assert rule not in jobs, jobs
+    config["cpu_threads"] = 1
+    project.write_config(config)
+
     # Editing a pipeline module reruns the stages that import it.
     generate_py = project.root / "pipeline" / "generate.py"
     generate_py.write_text(generate_py.read_text() + "\n# an edit\n")

@@ -16,6 +16,7 @@ rule generate:
             "model",
             "generate",
             "seed",
+            "cpu_threads",
             drop=["model.build_tiny", "generate.batch_size", "generate.flush_every", "generate.methods", "generate.num_shards", "generate.export_dir"],
         ),
         tokens=tokens_arg,  # "--tokens <quoted path>" or nothing, so used as {params.tokens} without :q
@@ -23,7 +24,7 @@ rule generate:
         log_path("generate", f"{{method}}/{SUBSET}/shard-{{shard}}-of-{{total}}"),
     benchmark:
         benchmark_path("generate", f"{{method}}/{SUBSET}/shard-{{shard}}-of-{{total}}")
-    threads: 1
+    threads: config["cpu_threads"]
     resources:
         gpu=1,
     shell:

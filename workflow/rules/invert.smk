@@ -24,6 +24,7 @@ INVERT_PARAMS = stage_params(
     "model",
     "invert",
     "seed",
+    "cpu_threads",
     drop=["model.build_tiny", "invert.checkpoint_every", "invert.samples"],
 )
 
@@ -42,7 +43,7 @@ if config["invert"]["mode"] == "joint":
             log_path("invert", SUBSET),
         benchmark:
             benchmark_path("invert", SUBSET)
-        threads: 1
+        threads: config["cpu_threads"]
         resources:
             gpu=1,
         shell:
@@ -66,7 +67,7 @@ else:
             log_path("invert", f"{SUBSET}/class-{{class_index}}"),
         benchmark:
             benchmark_path("invert", f"{SUBSET}/class-{{class_index}}")
-        threads: 1
+        threads: config["cpu_threads"]
         resources:
             gpu=1,
         shell:
@@ -95,12 +96,12 @@ rule token_samples:
         grid=layout.token_samples(R, "{k}", "{seed}"),
         legend=layout.token_samples_legend(layout.token_samples(R, "{k}", "{seed}")),
     params:
-        **stage_params("pipeline.token_samples", "model", "invert.samples", "seed", drop=["model.build_tiny"]),
+        **stage_params("pipeline.token_samples", "model", "invert.samples", "seed", "cpu_threads", drop=["model.build_tiny"]),
     log:
         log_path("token_samples", SUBSET),
     benchmark:
         benchmark_path("token_samples", SUBSET)
-    threads: 1
+    threads: config["cpu_threads"]
     resources:
         gpu=1,
     shell:

@@ -16,13 +16,14 @@ rule train:
             "dataset.name",
             "generate.methods",
             "seed",
+            "cpu_threads",
             drop=["train.methods", "train.num_workers", "train.inference_batch_size"],
         ),
     log:
         log_path("train", f"{{method}}/{SUBSET}"),
     benchmark:
         benchmark_path("train", f"{{method}}/{SUBSET}")
-    threads: 4
+    threads: config["cpu_threads"]
     resources:
         gpu=1,
     shell:
