@@ -97,7 +97,7 @@ def cmd_generate(args, config):
 
 
 def cmd_export(args, config):
-    from pipeline.generate import export_images
+    from pipeline.export import export_images
 
     export_images(args.synthetic, args.out)
 

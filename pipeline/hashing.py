@@ -3,6 +3,9 @@
 Snakemake reruns a job when its `params` change but cannot see edits inside an imported package.
 `code_hash("pipeline.generate")` hashes the source of that module and of every `pipeline` module it
 imports, transitively, found by parsing (not importing) the files, so the Snakefile stays fast to parse.
+
+The config schema is not code here: its defaults reach a stage as config values, which the rule's
+params carry already, and the rest of it (descriptions, bounds) changes no output.
 """
 
 from __future__ import annotations
@@ -57,8 +60,7 @@ def module_closure(module: str) -> list[Path]:
         stack.extend(_imported_modules(path))
     if module not in seen:
         raise ValueError(f"no source file for module {module!r} under {PACKAGE_DIR}")
-    data_files = sorted(PACKAGE_DIR.glob("*.yaml"))
-    return sorted(set(seen.values())) + data_files
+    return sorted(set(seen.values()))
 
 
 @lru_cache(maxsize=None)

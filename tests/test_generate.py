@@ -21,7 +21,6 @@ from pipeline import PipelineError, sdedit
 from pipeline.config import validate_config
 from pipeline.generate import (
     CPU_AUTO_BATCH_SIZE,
-    export_images,
     generate_shard,
     largest_fitting_batch,
     plan_batches,
@@ -30,6 +29,7 @@ from pipeline.generate import (
     resolve_batch_size,
     shard_items,
 )
+from pipeline.export import export_images
 from pipeline.io import read_metadata, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table, read_manifest, read_shards
 from pipeline.rng import derive_seed

@@ -19,8 +19,10 @@ def test_closure_follows_imports_transitively():
     assert "generate.py" not in closure and "tiny_sd.py" not in closure
 
 
-def test_schema_counts_as_code():
-    assert "config.schema.yaml" in names("pipeline.layout")
+def test_only_the_python_a_stage_runs_counts_as_its_code():
+    assert not any(name.endswith(".yaml") for name in names("pipeline.generate"))  # defaults reach params as values
+    assert "export.py" not in names("pipeline.generate") and "generate.py" not in names("pipeline.export")
+    assert "report.py" not in names("pipeline.generate") | names("pipeline.train") | names("pipeline.fid")
 
 
 def test_value_hash_ignores_key_order():

@@ -162,6 +162,16 @@ def test_end_to_end_run_and_cache(project):
     config["cpu_threads"] = 1
     project.write_config(config)
 
+    # Edits that change no output rerun nothing upstream of what they touch: a schema description
+    # reruns nothing (its defaults are in the params as values), the report module only the report.
+    schema = project.root / "pipeline" / "config.schema.yaml"
+    schema.write_text(schema.read_text().replace("Global seed;", "The global seed;", 1))
+    assert project.planned_jobs() == {}
+    report_py = project.root / "pipeline" / "report.py"
+    report_py.write_text(report_py.read_text() + "\n# an edit\n")
+    jobs = project.planned_jobs()
+    assert jobs.pop("report") == 1 and set(jobs) <= {"all"}, jobs
+
     # Editing a pipeline module reruns the stages that import it.
     generate_py = project.root / "pipeline" / "generate.py"
     generate_py.write_text(generate_py.read_text() + "\n# an edit\n")

@@ -44,7 +44,7 @@ if EXPORT_DIR is not None:
         output:
             f"{EXPORT_DIR}/{{method}}/{SUBSET}/images.csv",
         params:
-            code=code_hash("pipeline.generate"),
+            code=code_hash("pipeline.export"),
             out=out_dir,
         log:
             log_path("export", f"{{method}}/{SUBSET}"),
