@@ -7,8 +7,11 @@ Prints Markdown tables for BENCHMARKS.md ("The demo model"):
   * the VAE round trip on the demo's held-out val/test scenes (PSNR), and the oracle on the real
     test images;
   * per SDEdit strength t0, over the default run's DA-Fusion shards: oracle agreement with the
-    source's class, mean absolute pixel difference to the source, FID and KID against the real
-    training images (the workflow's oracle_scores and fid outputs, averaged over the subsets);
+    source's class beside its agreement on the same unedited sources, mean absolute pixel
+    difference to the source (both pooled over the subsets' images), FID and KID against the real
+    training images (averaged over the subsets), from the workflow's oracle_scores and fid outputs;
+  * SDEdit at a fixed t0 = 0.25 on every k = 4 subset, with the learned token or "a photo", with
+    and without classifier-free guidance;
   * text-to-image samples of every learned token of the k = 4 subsets ("a photo of a <token>"),
     the share the oracle assigns to the token's class, for the classes the model can name and for
     those it cannot, beside the class-name prompt and the generic "a photo of a digit";
@@ -59,6 +62,7 @@ def strength_rows(results: str, config: dict) -> list[str]:
         oracle = read_json(layout.oracle_scores(results, "dafusion", k, seed))
         for t0, v in oracle["by_strength"].items():
             per_t0[t0]["agreement"].append(v["agreement"])
+            per_t0[t0]["source_agreement"].append(v["source_agreement"])
             per_t0[t0]["mad"].append(v["mean_abs_difference"])
             per_t0[t0]["n"].append(v["n"])
         fid = read_json(layout.fid(results, "dafusion", k, seed))
@@ -66,10 +70,12 @@ def strength_rows(results: str, config: dict) -> list[str]:
             if v["fid"] is not None:
                 per_t0[t0]["fid"].append(v["fid"])
                 per_t0[t0]["kid"].append(v["kid"])
-    rows = ["| t0 | images | oracle agreement | mean abs. pixel difference | FID | KID |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| t0 | images | oracle agreement | on their sources, unedited | ratio | mean abs. pixel difference | FID | KID |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for t0 in sorted(per_t0, key=float):
         v = per_t0[t0]
-        rows.append(f"| {t0} | {sum(v['n']):.0f} | {100 * np.mean(v['agreement']):.1f}% | {np.mean(v['mad']):.3f} | {np.mean(v['fid']):.1f} | {np.mean(v['kid']):.4f} |")
+        pooled = lambda key: np.average(v[key], weights=v["n"])  # over images, not subsets: k = 1 holds a few per t0
+        ratio = pooled("agreement") / pooled("source_agreement")
+        rows.append(f"| {t0} | {sum(v['n']):.0f} | {100 * pooled('agreement'):.1f}% | {100 * pooled('source_agreement'):.1f}% | {100 * ratio:.0f}% | {pooled('mad'):.3f} | {np.mean(v['fid']):.1f} | {np.mean(v['kid']):.4f} |")
     return rows
 
 
@@ -144,6 +150,30 @@ def scheduler_rows(results: str, config: dict, steps_list: list[int]) -> list[st
     return rows
 
 
+def fixed_t0_rows(results: str, config: dict, t0: float = 0.25) -> list[str]:
+    """Oracle agreement of SDEdit at one fixed t0 on every k = 4 subset, per prompt and guidance:
+    more images per cell than the default run's drawn strengths give, and whether the learned
+    token or classifier-free guidance is what moves the digits."""
+    from pipeline.generate import generate_shard
+    from pipeline.oracle import score_shards
+
+    k = max(config["dataset"]["examples_per_class"])
+    rows = [f"| method (t0 = {t0}) | guidance | images | oracle agreement | on their sources, unedited | ratio | pixel difference |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory() as scratch:
+        for method, guidance in (("dafusion", 7.5), ("dafusion", 1.0), ("class-agnostic", 7.5), ("class-agnostic", 1.0)):
+            run = copy.deepcopy(config)
+            run["generate"].update(strength=t0, guidance_scale=guidance)
+            shards = []
+            for seed in config["dataset"]["trial_seeds"]:
+                shards.append(Path(scratch) / f"{method}-{guidance}-{seed}.parquet")
+                generate_shard(run, layout.subset(results, k, seed), layout.tokens(results, k, seed), method, 0, 1, shards[-1])
+            scores = score_shards(config["fid"]["oracle"], shards, layout.manifest(results), Path(scratch) / "oracle.json")["by_strength"][f"{t0:.4g}"]
+            ratio = scores["agreement"] / scores["source_agreement"]
+            rows.append(f"| {method} | {guidance} | {scores['n']} | {100 * scores['agreement']:.1f}% | {100 * scores['source_agreement']:.1f}% | {100 * ratio:.0f}% | {scores['mean_abs_difference']:.3f} |")
+    return rows
+
+
 def cas_rows(results: str, config: dict) -> list[str]:
     by_method: dict[str, list[float]] = defaultdict(list)
     for method in config["train"]["methods"]:
@@ -174,6 +204,7 @@ def main() -> None:
     print(f"VAE round trip on {len(held_out)} held-out demo scenes: PSNR {vae_psnr(config['model']['id'], [open_image(r['path']) for r in held_out]):.2f} dB")
     print(f"Oracle on the {len(test)} real test scenes: {100 * real_agreement:.1f}% agreement with the label\n")
     print("\n".join(strength_rows(results, config)) + "\n")
+    print("\n".join(fixed_t0_rows(results, config)) + "\n")
     named = read_json(Path(config["model"]["id"]) / "demo_model.json")["named_classes"]
     print("\n".join(token_sample_rows(results, config, oracle, args.samples, named)) + "\n")
     print("\n".join(cas_rows(results, config)) + "\n")

@@ -146,8 +146,10 @@ def mean_abs_difference(synthetic: Image.Image, source: Image.Image) -> float:
 def score_shards(oracle_dir: str | Path, shard_paths: list[str | Path], manifest_path: str | Path, out_path: str | Path) -> dict:
     """Oracle agreement with the source class, and pixel distance to the source, per strength.
 
-    The oracle names the ten digit classes, so agreement compares class names: a run on a subset
-    of the classes (dataset.classes) is scored the same way.
+    Beside each agreement stands the oracle's agreement on the unedited sources of the same images
+    (`source_agreement`): the paired reference for what an edit keeps, since the oracle misreads
+    some scenes whatever is done to them. The oracle names the ten digit classes, so agreement
+    compares class names: a run on a subset of the classes (dataset.classes) is scored the same way.
     """
     from pipeline.demo import CLASS_NAMES
     from pipeline.manifest import read_manifest, read_shards
@@ -162,10 +164,13 @@ def score_shards(oracle_dir: str | Path, shard_paths: list[str | Path], manifest
     images = [decode_image(r["image"], f"synthetic image {r['synthetic_id']}") for r in rows]
     agrees = [CLASS_NAMES[guess] == row["class_name"] for row, guess in zip(rows, predict(oracle, images))]
     source_images = {image_id: open_image(sources[image_id]["path"]) for image_id in sorted({r["image_id"] for r in rows})}
-    by_strength: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"agree": [], "mad": []})
-    for row, image, agree in zip(rows, images, agrees):
+    source_guesses = dict(zip(source_images, predict(oracle, list(source_images.values())))) if source_images else {}
+    source_agrees = [CLASS_NAMES[source_guesses[row["image_id"]]] == sources[row["image_id"]]["class_name"] for row in rows]
+    by_strength: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"agree": [], "source_agree": [], "mad": []})
+    for row, image, agree, source_agree in zip(rows, images, agrees, source_agrees):
         key = "none" if row["strength"] is None else f"{row['strength']:.4g}"
         by_strength[key]["agree"].append(float(agree))
+        by_strength[key]["source_agree"].append(float(source_agree))
         by_strength[key]["mad"].append(mean_abs_difference(image, source_images[row["image_id"]]))
     test_rows = [r for r in manifest_rows if r["split"] == "test"]
     test_guesses = predict(oracle, [open_image(r["path"]) for r in test_rows])
@@ -174,9 +179,15 @@ def score_shards(oracle_dir: str | Path, shard_paths: list[str | Path], manifest
         "real_test_agreement": float(np.mean([CLASS_NAMES[g] == r["class_name"] for g, r in zip(test_guesses, test_rows)])) if test_rows else None,
         "n_real_test": len(test_rows),
         "agreement": float(np.mean(agrees)) if rows else None,
+        "source_agreement": float(np.mean(source_agrees)) if rows else None,
         "n_synthetic": len(rows),
         "by_strength": {
-            key: {"n": len(v["agree"]), "agreement": float(np.mean(v["agree"])), "mean_abs_difference": float(np.mean(v["mad"]))}
+            key: {
+                "n": len(v["agree"]),
+                "agreement": float(np.mean(v["agree"])),
+                "source_agreement": float(np.mean(v["source_agree"])),
+                "mean_abs_difference": float(np.mean(v["mad"])),
+            }
             for key, v in sorted(by_strength.items())
         },
     }

@@ -315,7 +315,8 @@ def model_banner(config: dict) -> str:
 
 
 def strength_table(fid_paths: list[str], oracle_paths: list[str]) -> str:
-    """FID/KID, oracle agreement and pixel distance per t0, averaged over the subsets."""
+    """FID/KID per t0 averaged over the subsets; oracle agreement and pixel distance pooled over their
+    images (a k = 1 subset holds a few images per t0, and must not weigh as much as a k = 16 one)."""
     columns: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for path in fid_paths:
         method = Path(path).parent.name
@@ -328,15 +329,21 @@ def strength_table(fid_paths: list[str], oracle_paths: list[str]) -> str:
         value = read_json(path)
         real.append(value["real_test_agreement"])
         for t0, scores in value["by_strength"].items():
-            columns[(Path(path).parent.name, t0)]["agreement"].append(scores["agreement"])
-            columns[(Path(path).parent.name, t0)]["mad"].append(scores["mean_abs_difference"])
-    mean = lambda values, scale=1.0, digits=2: _fmt(scale * float(np.mean(values)), digits) if values else "–"
+            column = columns[(Path(path).parent.name, t0)]
+            column["n"].append(scores["n"])
+            column["agreement"].append(scores["agreement"])
+            column["source_agreement"].append(scores["source_agreement"])
+            column["mad"].append(scores["mean_abs_difference"])
+    mean = lambda values, scale=1.0, digits=2, weights=None: _fmt(scale * float(np.average(values, weights=weights)), digits) if values else "–"
     rows = []
     if real:
-        rows.append(["real test images", "–", "–", "–", mean(real, 100, 1), "0"])
+        rows.append(["real test images", "–", "–", "–", "–", mean(real, 100, 1), "–", "0"])
     for (method, t0), v in sorted(columns.items(), key=lambda item: (item[0][0], float(item[0][1]) if item[0][1] != "none" else 9)):
-        rows.append([html.escape(method), html.escape(t0), mean(v["fid"]), mean(v["kid"], 1, 4), mean(v["agreement"], 100, 1), mean(v["mad"], 1, 3)])
-    return _table(["method", "t0", "FID", "KID", "oracle agreement (%)", "pixel distance"], rows)
+        images = str(sum(v["n"])) if v["n"] else "–"
+        rows.append([html.escape(method), html.escape(t0), images, mean(v["fid"]), mean(v["kid"], 1, 4),
+                     mean(v["agreement"], 100, 1, v["n"]), mean(v["source_agreement"], 100, 1, v["n"]), mean(v["mad"], 1, 3, v["n"])])
+    headers = ["method", "t0", "images", "FID", "KID", "oracle agreement (%)", "on their sources, unedited (%)", "pixel distance"]
+    return _table(headers, rows)
 
 
 CSS = """

@@ -244,6 +244,8 @@ def test_the_oracle_scores_a_shard_per_strength_by_class_name(held_out_scenes, t
     result = score_shards(ORACLE, [tmp_path / "s.parquet"], tmp_path / "m.parquet", tmp_path / "o.json")
     expected = float(np.mean(predict(load_oracle(ORACLE), [image for _, image, _ in kept]) == np.array([label for _, _, label in kept])))
     assert result["agreement"] == pytest.approx(expected) == pytest.approx(result["real_test_agreement"])
+    assert result["source_agreement"] == pytest.approx(expected)  # unedited, they are their own sources
+    assert all(v["source_agreement"] == v["agreement"] for v in result["by_strength"].values())
     assert sum(v["n"] for v in result["by_strength"].values()) == len(kept)
     assert all(v["mean_abs_difference"] == 0 for v in result["by_strength"].values())
 
