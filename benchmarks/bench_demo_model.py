@@ -57,25 +57,19 @@ def vae_psnr(model_dir: str, images: list[Image.Image], batch_size: int = 32) ->
 
 
 def strength_rows(results: str, config: dict) -> list[str]:
-    per_t0: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    from pipeline.report import pool_oracle_scores
+
+    oracle = pool_oracle_scores([read_json(layout.oracle_scores(results, "dafusion", k, seed)) for k, seed in layout.subsets_in(config)])
+    fid: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for k, seed in layout.subsets_in(config):
-        oracle = read_json(layout.oracle_scores(results, "dafusion", k, seed))
-        for t0, v in oracle["by_strength"].items():
-            per_t0[t0]["agreement"].append(v["agreement"])
-            per_t0[t0]["source_agreement"].append(v["source_agreement"])
-            per_t0[t0]["mad"].append(v["mean_abs_difference"])
-            per_t0[t0]["n"].append(v["n"])
-        fid = read_json(layout.fid(results, "dafusion", k, seed))
-        for t0, v in fid["by_strength"].items():
+        for t0, v in read_json(layout.fid(results, "dafusion", k, seed))["by_strength"].items():
             if v["fid"] is not None:
-                per_t0[t0]["fid"].append(v["fid"])
-                per_t0[t0]["kid"].append(v["kid"])
+                fid[t0]["fid"].append(v["fid"])
+                fid[t0]["kid"].append(v["kid"])
     rows = ["| t0 | images | oracle agreement | on their sources, unedited | ratio | mean abs. pixel difference | FID | KID |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for t0 in sorted(per_t0, key=float):
-        v = per_t0[t0]
-        pooled = lambda key: np.average(v[key], weights=v["n"])  # over images, not subsets: k = 1 holds a few per t0
-        ratio = pooled("agreement") / pooled("source_agreement")
-        rows.append(f"| {t0} | {sum(v['n']):.0f} | {100 * pooled('agreement'):.1f}% | {100 * pooled('source_agreement'):.1f}% | {100 * ratio:.0f}% | {pooled('mad'):.3f} | {np.mean(v['fid']):.1f} | {np.mean(v['kid']):.4f} |")
+    for t0 in sorted(oracle, key=float):
+        o, ratio = oracle[t0], oracle[t0]["agreement"] / oracle[t0]["source_agreement"]
+        rows.append(f"| {t0} | {o['n']} | {100 * o['agreement']:.1f}% | {100 * o['source_agreement']:.1f}% | {100 * ratio:.0f}% | {o['mean_abs_difference']:.3f} | {np.mean(fid[t0]['fid']):.1f} | {np.mean(fid[t0]['kid']):.4f} |")
     return rows
 
 

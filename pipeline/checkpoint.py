@@ -26,6 +26,16 @@ REQUIRED_FILES = (
 )
 
 
+# In a local model folder, the files no stage reads: its documentation and its training log.
+UNREAD_FILES = frozenset({"README.md", "loss.csv"})
+
+
+def model_files(folder: str | Path) -> list[str]:
+    """The files of a local model folder that are inputs of the jobs using it, so that replacing its
+    weights reruns them and editing its README does not."""
+    return sorted(str(path) for path in Path(folder).rglob("*") if path.is_file() and path.name not in UNREAD_FILES)
+
+
 def is_local(model_id: str) -> bool:
     """Whether `model.id` names a folder on this machine rather than a hub id."""
     path = Path(model_id).expanduser()

@@ -314,10 +314,25 @@ def model_banner(config: dict) -> str:
     )
 
 
+def pool_oracle_scores(results: list[dict]) -> dict[str, dict[str, float]]:
+    """Per t0, the oracle scores of several subsets (oracle_scores outputs) pooled over their images:
+    agreement, the sources' agreement and pixel distance weighted by each subset's image count, since
+    a k = 1 subset holds a few images per t0 and must not weigh as much as a k = 16 one."""
+    parts: dict[str, list[dict]] = defaultdict(list)
+    for result in results:
+        for t0, scores in result["by_strength"].items():
+            parts[t0].append(scores)
+    pooled = {}
+    for t0, scores in parts.items():
+        counts = [part["n"] for part in scores]
+        averages = {key: float(np.average([part[key] for part in scores], weights=counts)) for key in ("agreement", "source_agreement", "mean_abs_difference")}
+        pooled[t0] = {"n": sum(counts), **averages}
+    return pooled
+
+
 def strength_table(fid_paths: list[str], oracle_paths: list[str]) -> str:
-    """FID/KID per t0 averaged over the subsets; oracle agreement and pixel distance pooled over their
-    images (a k = 1 subset holds a few images per t0, and must not weigh as much as a k = 16 one)."""
-    columns: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    """FID/KID per t0 averaged over the subsets, beside the oracle's scores pooled over their images."""
+    columns: dict[str, dict] = defaultdict(lambda: defaultdict(list))
     for path in fid_paths:
         method = Path(path).parent.name
         for t0, scores in (read_json(path).get("by_strength") or {}).items():
@@ -325,23 +340,22 @@ def strength_table(fid_paths: list[str], oracle_paths: list[str]) -> str:
                 if scores.get(key) is not None:
                     columns[(method, t0)][key].append(scores[key])
     real: list[float] = []
+    oracle_by_method: dict[str, list[dict]] = defaultdict(list)
     for path in oracle_paths:
         value = read_json(path)
         real.append(value["real_test_agreement"])
-        for t0, scores in value["by_strength"].items():
-            column = columns[(Path(path).parent.name, t0)]
-            column["n"].append(scores["n"])
-            column["agreement"].append(scores["agreement"])
-            column["source_agreement"].append(scores["source_agreement"])
-            column["mad"].append(scores["mean_abs_difference"])
-    mean = lambda values, scale=1.0, digits=2, weights=None: _fmt(scale * float(np.average(values, weights=weights)), digits) if values else "–"
+        oracle_by_method[Path(path).parent.name].append(value)
+    for method, results in oracle_by_method.items():
+        for t0, pooled in pool_oracle_scores(results).items():
+            columns[(method, t0)]["oracle"] = pooled
+    mean = lambda values, scale=1.0, digits=2: _fmt(scale * float(np.mean(values)), digits) if values else "–"
     rows = []
     if real:
         rows.append(["real test images", "–", "–", "–", "–", mean(real, 100, 1), "–", "0"])
     for (method, t0), v in sorted(columns.items(), key=lambda item: (item[0][0], float(item[0][1]) if item[0][1] != "none" else 9)):
-        images = str(sum(v["n"])) if v["n"] else "–"
-        rows.append([html.escape(method), html.escape(t0), images, mean(v["fid"]), mean(v["kid"], 1, 4),
-                     mean(v["agreement"], 100, 1, v["n"]), mean(v["source_agreement"], 100, 1, v["n"]), mean(v["mad"], 1, 3, v["n"])])
+        oracle = v.get("oracle")
+        scored = [str(oracle["n"]), _fmt(100 * oracle["agreement"], 1), _fmt(100 * oracle["source_agreement"], 1), _fmt(oracle["mean_abs_difference"], 3)] if oracle else ["–"] * 4
+        rows.append([html.escape(method), html.escape(t0), scored[0], mean(v["fid"]), mean(v["kid"], 1, 4), *scored[1:]])
     headers = ["method", "t0", "images", "FID", "KID", "oracle agreement (%)", "on their sources, unedited (%)", "pixel distance"]
     return _table(headers, rows)
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import PipelineError
 from pipeline import demo_model as dm
-from pipeline.checkpoint import INFO_FILE, check_corpus_disjoint, verify_checkpoint, weight_hashes
+from pipeline.checkpoint import INFO_FILE, check_corpus_disjoint, model_files, verify_checkpoint, weight_hashes
 from pipeline.demo import CLASS_NAMES, NAMED_CLASSES, Layer, build_demo_coco, caption_scene, load_mnist, pretraining_corpus, split_digit_pools
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,3 +275,11 @@ def test_the_workflow_refuses_a_corrupt_model_before_any_job(project, pretrained
     assert proc.returncode != 0
     assert "unet/diffusion_pytorch_model.safetensors: sha256" in output and "recorded in" in output
     assert not (project.root / "results" / "logs").exists()
+
+
+def test_a_model_folders_readme_and_training_log_are_not_inputs_of_its_jobs():
+    """Editing models/demo-sd/README.md must rerun no generation; replacing a weights file must."""
+    names = {Path(path).relative_to(SHIPPED).as_posix() for path in model_files(SHIPPED)}
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer.json", INFO_FILE} <= names
+    assert not names & {"README.md", "loss.csv"}
+    assert {Path(path).name for path in model_files(ORACLE)} == {"oracle.safetensors", "oracle.json"}

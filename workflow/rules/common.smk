@@ -27,7 +27,7 @@ envvars:
 
 from pipeline import PipelineError, layout
 from pipeline.augment import parse_method
-from pipeline.checkpoint import check_corpus_disjoint, is_local, verify_if_local
+from pipeline.checkpoint import check_corpus_disjoint, is_local, model_files, verify_if_local
 from pipeline.config import stable_json, validate_config
 from pipeline.hashing import code_hash, value_hash
 
@@ -126,16 +126,12 @@ CONFIG_FILE = shlex.quote(resolved_config_file())
 
 
 def model_input():
-    """The checkpoint folder when this workflow builds it; the files of a local checkpoint folder (so
-    replacing its weights reruns what used them); nothing for hub ids."""
+    """The checkpoint folder when this workflow builds it; the files of a local checkpoint folder that
+    a load reads (checkpoint.model_files); nothing for hub ids."""
     model = config["model"]
     if model["build_tiny"]:
         return [model["id"]]
-    return folder_files(model["id"]) if is_local(model["id"]) else []
-
-
-def folder_files(folder):
-    return sorted(str(path) for path in Path(folder).rglob("*") if path.is_file())
+    return model_files(model["id"]) if is_local(model["id"]) else []
 
 
 def tokens_input(wildcards):

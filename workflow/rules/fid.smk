@@ -44,7 +44,7 @@ rule fid:
 rule oracle_scores:
     input:
         manifest=layout.manifest(R),
-        oracle=folder_files(config["fid"]["oracle"]) if config["fid"]["oracle"] else [],
+        oracle=model_files(config["fid"]["oracle"]) if config["fid"]["oracle"] else [],
         shards=lambda wc: layout.shards(R, wc.method, wc.k, wc.seed, NUM_SHARDS),
     output:
         layout.oracle_scores(R, "{method}", "{k}", "{seed}"),
