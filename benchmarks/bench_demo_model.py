@@ -82,7 +82,7 @@ def token_sample_rows(results: str, config: dict, oracle, samples: int, named: l
 
     def fresh_pipeline():
         """A text-to-image pipeline of the run's model (tokens are added to a fresh one per subset)."""
-        img2img = sdedit.load_img2img(config["model"], {"scheduler": "default", "channels_last": False, "compile": False}, torch.device("cpu"), torch.float32)
+        img2img = sdedit.load_img2img(config["model"]["id"], torch.device("cpu"), torch.float32)
         pipe = StableDiffusionPipeline(**img2img.components)
         pipe.set_progress_bar_config(disable=True)
         return pipe

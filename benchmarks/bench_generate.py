@@ -35,9 +35,13 @@ from transformers import CLIPTextConfig
 from pipeline import PipelineError, sdedit
 from pipeline.config import validate_config
 from pipeline.device import resolve_dtype
-from pipeline.generate import METHODS, check_denoising_steps, generate_shard, plan_items
+from pipeline.generate import generate_shard
+from pipeline.generate_plan import plan_items
 from pipeline.io import encode_png, write_parquet
+from pipeline.makers.img2img import Img2ImgMaker
+from pipeline.methods import METHODS
 from pipeline.manifest import manifest_table, read_manifest, read_shards
+from pipeline.settings import GenerateSettings
 from pipeline.tiny_sd import RANDOM_SD1, benchmark_checkpoint
 from pipeline.tokens import add_tokens_to_pipeline, token_for_class, write_token_files
 
@@ -72,13 +76,13 @@ def reference(config: dict, subset: Path, tokens_dir: Path, limit: int | None) -
     gets a CPU generator, as generate_shard's images do, so that on a GPU too both draw the same noise.
     """
     device = torch.device(config["device"])
-    pipe = sdedit.load_img2img(config["model"], config["generate"], device, resolve_dtype(config["model"]["dtype"], device))
+    pipe = load_pipe(config, device, resolve_dtype(config["model"]["dtype"], device))
     class_tokens = add_tokens_to_pipeline(pipe, tokens_dir, CLASSES)
     rows, _ = read_manifest(subset)
     resolution, generate = config["model"]["resolution"], config["generate"]
     out = {}
     with sdedit.batch_invariant_kernels(device):
-        for item in plan_items(config, "dafusion", rows)[:limit]:
+        for item in plan_items(GenerateSettings.from_config(config, "dafusion"), rows)[:limit]:
             image = Image.open(item.path).convert("RGB")
             canvas = pipe(
                 image=image.resize((resolution, resolution), Image.BILINEAR),
@@ -92,6 +96,12 @@ def reference(config: dict, subset: Path, tokens_dir: Path, limit: int | None) -
     return out
 
 
+def load_pipe(config: dict, device: torch.device, dtype: torch.dtype):
+    generate = config["generate"]
+    return sdedit.load_img2img(config["model"]["id"], device, dtype, scheduler=generate["scheduler"],
+                               channels_last=generate["channels_last"], compile=generate["compile"])  # fmt: skip
+
+
 def load_seconds(config: dict) -> float:
     """Seconds one load of the model into an img2img pipeline takes, with the disk cache and the device warm.
 
@@ -100,13 +110,13 @@ def load_seconds(config: dict) -> float:
     """
     device = torch.device(config["device"])
     dtype = resolve_dtype(config["model"]["dtype"], device)
-    pipe = sdedit.load_img2img(config["model"], config["generate"], device, dtype)
+    pipe = load_pipe(config, device, dtype)
     resolution = config["model"]["resolution"]
     with sdedit.batch_invariant_kernels(device):
         pipe(image=Image.new("RGB", (resolution, resolution)), prompt="a photo", strength=1.0, num_inference_steps=1)
     del pipe
     start = time.perf_counter()
-    sdedit.load_img2img(config["model"], config["generate"], device, dtype)
+    load_pipe(config, device, dtype)
     synchronize(device)
     seconds = time.perf_counter() - start
     if device.type == "cuda":
@@ -150,7 +160,7 @@ def unet_seconds_per_row(config: dict, rows_list: list[int], repeats: int = 5) -
     reference's two rows (one image, both guidance halves) to that at ours bounds what batching can gain.
     """
     device = torch.device(config["device"])
-    pipe = sdedit.load_img2img(config["model"], config["generate"], device, resolve_dtype(config["model"]["dtype"], device))
+    pipe = load_pipe(config, device, resolve_dtype(config["model"]["dtype"], device))
     unet, side = pipe.unet, config["model"]["resolution"] // pipe.vae_scale_factor
     seconds = {}
     with torch.inference_mode(), sdedit.batch_invariant_kernels(device):
@@ -204,7 +214,7 @@ def main() -> None:
     settings = {"num_per_image": args.per_image, "num_inference_steps": args.steps, "strength": args.strength,
                 "channels_last": args.channels_last}  # fmt: skip
     try:
-        check_denoising_steps(validate_config({"generate": settings}), "dafusion")
+        Img2ImgMaker.check(GenerateSettings.from_config(validate_config({"generate": settings}), "dafusion"))
     except PipelineError as exc:
         parser.error(str(exc))
 

@@ -51,8 +51,7 @@ def run_batch(pipe, batch_size: int, resolution: int, steps: int, guidance_scale
 def measure(model: str, device: torch.device, args: argparse.Namespace) -> None:
     """Print the table of peak memory and rate per batch size, then what `batch_size: auto` picks."""
     dtype = getattr(torch, args.dtype)
-    generate = {"scheduler": "default", "channels_last": False, "compile": False}
-    pipe = sdedit.load_img2img({"id": model}, generate, device, dtype)
+    pipe = sdedit.load_img2img(model, device, dtype)
     total = torch.cuda.get_device_properties(device).total_memory
     weights = torch.cuda.memory_allocated(device)
     print(f"{torch.cuda.get_device_name(device)} ({total / GIB:.1f} GiB), {args.model}, {args.resolution} px, {args.dtype}, "

@@ -10,13 +10,11 @@ import re
 from itertools import product
 
 from pipeline import PipelineError
+from pipeline.methods import needing
 
-
-# Generation methods that prompt with the learned class tokens of the invert stage.
 # In the demo dataset's root: {split: MNIST indices its scenes draw from}, checked against the
 # pretraining corpus of the demo model.
 DEMO_DIGITS_FILE = "mnist_indices.json"
-TOKEN_METHODS = frozenset({"dafusion", "inpaint-fg", "inpaint-bg"})
 # The `class` of the batch-loss rows of a joint inversion run in a tokens folder's loss.csv (each
 # class's own rows sit beside them).
 JOINT_LOSS_LABEL = "all"
@@ -98,7 +96,7 @@ def expected_outputs(config: dict) -> dict[str, list[str]]:
     pairs = subsets_in(config)
     num_shards = config["generate"]["num_shards"]
     methods = config["generate"]["methods"]
-    learns_tokens = bool(TOKEN_METHODS & set(methods))
+    learns_tokens = bool(needing("tokens", methods))
     return {
         "tokens": [tokens(results, k, s) for k, s in pairs] if learns_tokens else [],
         "token_samples": [token_samples(results, k, s) for k, s in pairs] if learns_tokens else [],

@@ -49,32 +49,40 @@ STOCHASTIC_SCHEDULERS = {
 }
 
 
-def load_img2img(model: dict, generate: dict, device: torch.device, dtype: torch.dtype):
-    """StableDiffusionImg2ImgPipeline for `model["id"]` on `device`, without safety checker.
+def load_img2img(
+    model_id: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    scheduler: str = "default",
+    channels_last: bool = False,
+    compile: bool = False,
+):
+    """StableDiffusionImg2ImgPipeline for `model_id` on `device`, without safety checker.
 
-    `generate["scheduler"]` swaps the checkpoint's own scheduler for DPM-Solver++ or DDIM (same
+    `scheduler` (generate.scheduler) swaps the checkpoint's own scheduler for DPM-Solver++ or DDIM (same
     noise schedule); `channels_last` and `compile` trade start-up time for speed on GPUs.
     """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
 
-    verify_if_local(model["id"])
+    verify_if_local(model_id)
     try:
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-            model["id"], dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            model_id, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as exc:
         raise PipelineError(
-            f"model.id {model['id']!r}: cannot load a Stable Diffusion checkpoint ({exc}). "
+            f"model.id {model_id!r}: cannot load a Stable Diffusion checkpoint ({exc}). "
             "Expected a diffusers-format folder or a Hugging Face model id."
         ) from None
-    if generate["scheduler"] == "dpm-solver++":
+    if scheduler == "dpm-solver++":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    elif generate["scheduler"] == "ddim":
+    elif scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler_name = type(pipe.scheduler).__name__
     if scheduler_name in STOCHASTIC_SCHEDULERS or "sde" in str(pipe.scheduler.config.get("algorithm_type", "")):
         raise PipelineError(
-            f"model.id {model['id']!r} ships the stochastic scheduler {scheduler_name}, which draws noise at every "
+            f"model.id {model_id!r} ships the stochastic scheduler {scheduler_name}, which draws noise at every "
             f"step from global random state. Expected generate.scheduler set to one of {SCHEDULERS[1:]}."
         )
     pipe = pipe.to(device)
@@ -84,10 +92,10 @@ def load_img2img(model: dict, generate: dict, device: torch.device, dtype: torch
     # row's pixels do not depend on its batch: the VAE's attention hands GroupNorm a tensor whose
     # layout (NCHW or channels-last, hence its summation order) changes with the batch size.
     pipe.vae.enable_slicing()
-    if generate["channels_last"]:
+    if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    if generate["compile"]:
+    if compile:
         pipe.unet.compile()
     return pipe
 

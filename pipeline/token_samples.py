@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "token_samples"
 # Deterministic and good in 10 to 20 steps; the checkpoint's own scheduler may need 50 or draw noise per step.
-SAMPLER = {"scheduler": "dpm-solver++", "channels_last": False, "compile": False}
+SCHEDULER = "dpm-solver++"
 
 
 def column_seeds(seed: int, per_class: int) -> list[int]:
@@ -61,7 +61,7 @@ def render_token_samples(config: dict, tokens_dir: str | Path, out_path: str | P
     class_tokens, _ = load_token_file(tokens_dir)
     device = resolve_device(config["device"])
     dtype = resolve_dtype(model["dtype"], device)
-    pipe = sdedit.load_img2img(model, SAMPLER, device, dtype)
+    pipe = sdedit.load_img2img(model["id"], device, dtype, scheduler=SCHEDULER)
     add_tokens_to_pipeline(pipe, tokens_dir, list(class_tokens))
 
     resolution = model["resolution"]
@@ -85,7 +85,7 @@ def render_token_samples(config: dict, tokens_dir: str | Path, out_path: str | P
         "column_seeds": seeds,
         "steps": samples["steps"],
         "guidance_scale": samples["guidance_scale"],
-        "scheduler": SAMPLER["scheduler"],
+        "scheduler": SCHEDULER,
         "model": model["id"],
         "tokens_dir": str(tokens_dir),
     }

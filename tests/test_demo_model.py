@@ -207,7 +207,7 @@ def test_sdedit_at_low_strength_keeps_the_class_the_oracle_sees(held_out_scenes,
     from pipeline import sdedit
     from pipeline.oracle import load_oracle, mean_abs_difference, predict
 
-    pipe = sdedit.load_img2img({"id": str(SHIPPED)}, {"scheduler": "default", "channels_last": False, "compile": False}, torch.device("cpu"), torch.float32)
+    pipe = sdedit.load_img2img(str(SHIPPED), torch.device("cpu"), torch.float32)
     images = [image for image, _ in held_out_scenes]
     out = pipe(prompt=["a photo"] * len(images), image=images, strength=0.25, num_inference_steps=20, guidance_scale=7.5,
                generator=torch.Generator().manual_seed(0)).images

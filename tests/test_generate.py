@@ -19,20 +19,13 @@ from PIL import Image
 
 from pipeline import PipelineError, sdedit
 from pipeline.config import validate_config
-from pipeline.generate import (
-    CPU_AUTO_BATCH_SIZE,
-    generate_shard,
-    largest_fitting_batch,
-    plan_batches,
-    plan_items,
-    resample_seed,
-    resolve_batch_size,
-    shard_items,
-)
+from pipeline.generate import CPU_AUTO_BATCH_SIZE, generate_shard, largest_fitting_batch, resolve_batch_size
+from pipeline.generate_plan import plan_batches, plan_items, resample_seed, shard_items
 from pipeline.export import export_images
 from pipeline.io import read_metadata, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table, read_manifest, read_shards
 from pipeline.rng import derive_seed
+from pipeline.settings import GenerateSettings
 from pipeline.tiny_sd import build_tiny_sd
 from pipeline.tokens import add_tokens_to_pipeline, token_for_class, write_token_files
 
@@ -195,13 +188,13 @@ def stock_img2img(pipe, subset: Path, row: dict) -> Image.Image:
 def test_batch_size_one_gives_the_same_shard_and_stock_img2img(rows, model_dir, subset, tokens_dir, tmp_path):
     """On CPU the batch size changes nothing, pixels included. At batch size 1 a row's seed and
     settings give diffusers' own img2img output exactly."""
-    items = plan_items(make_config(model_dir), "dafusion", read_manifest(subset)[0])
+    items = plan_items(GenerateSettings.from_config(make_config(model_dir), "dafusion"), read_manifest(subset)[0])
     assert max(len(batch) for batch in plan_batches(items, 4)) > 1  # the fixture's shard really batches
     config = make_config(model_dir, batch_size=1)
     single = run(config, subset, tokens_dir, tmp_path)
     assert single == rows
 
-    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    pipe = sdedit.load_img2img(config["model"]["id"], torch.device("cpu"), torch.float32, scheduler=config["generate"]["scheduler"])
     add_tokens_to_pipeline(pipe, tokens_dir, CLASSES)
     row = next(r for r in single if r["strength"] >= 0.5 and r["width"] == r["height"] == 64)
     np.testing.assert_array_equal(pixels(row), np.asarray(stock_img2img(pipe, subset, row), dtype=np.int16))
@@ -218,7 +211,7 @@ def test_other_schedulers_match_stock_img2img_at_every_strength(scheduler, model
                  tmp_path / "single")  # fmt: skip
     assert [row["image"] for row in batched] == [row["image"] for row in single]
 
-    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    pipe = sdedit.load_img2img(config["model"]["id"], torch.device("cpu"), torch.float32, scheduler=config["generate"]["scheduler"])
     expected_class = {"dpm-solver++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}[scheduler]
     assert type(pipe.scheduler).__name__ == expected_class
     add_tokens_to_pipeline(pipe, tokens_dir, CLASSES)
@@ -233,7 +226,7 @@ def test_sixteen_unet_rows_give_the_bytes_of_one(model_dir, subset, tokens_dir, 
     """At 16 rows (8 images with guidance) PyTorch would move CPU convolutions to NNPACK, which sums in
     another order than at fewer rows: the batch-invariant context must keep the bytes all the same."""
     batched = make_config(model_dir, strength=0.5, batch_size=8)  # one strength: all 8 copies in one batch
-    assert [len(b) for b in plan_batches(plan_items(batched, "dafusion", read_manifest(subset)[0]), 8)] == [8]
+    assert [len(b) for b in plan_batches(plan_items(GenerateSettings.from_config(batched, "dafusion"), read_manifest(subset)[0]), 8)] == [8]
     eight = run(batched, subset, tokens_dir, tmp_path / "eight")
     one = run(make_config(model_dir, strength=0.5, batch_size=1), subset, tokens_dir, tmp_path / "one")
     assert [row["image"] for row in eight] == [row["image"] for row in one]
@@ -254,7 +247,7 @@ def test_real_guidance_and_class_agnostic_strengths_and_prompts(model_dir, subse
 def crash_on_second_batch(config, subset, tokens_dir, out: Path, monkeypatch) -> int:
     """Run generate_shard on `out` until its second batch fails, leaving the first batch flushed
     (flush_every 1) in `<out>.partial/`; return that batch's size."""
-    batches = plan_batches(plan_items(config, "dafusion", read_manifest(subset)[0]), config["generate"]["batch_size"])
+    batches = plan_batches(plan_items(GenerateSettings.from_config(config, "dafusion"), read_manifest(subset)[0]), config["generate"]["batch_size"])
     assert len(batches) >= 2
     real_sdedit = sdedit.sdedit
     calls = []
@@ -367,7 +360,7 @@ def test_an_encoding_error_in_the_background_stops_the_job(model_dir, subset, to
     assert not out.exists()
     # The parts (one batch each: flush_every 1) encoded before the failing image were written, and
     # no part after it: a rerun resumes after them.
-    items = plan_items(make_config(model_dir), "dafusion", read_manifest(subset)[0])
+    items = plan_items(GenerateSettings.from_config(make_config(model_dir), "dafusion"), read_manifest(subset)[0])
     sizes = [len(batch) for batch in plan_batches(items, 4)]
     complete = sum(1 for i in range(len(sizes)) if sum(sizes[: i + 1]) < 5)
     assert 0 < complete < len(sizes)
@@ -486,7 +479,7 @@ def test_txt2img_rows_shards_and_stock_text_to_image(model_dir, subset, tmp_path
 
     single = run(make_config(model_dir, txt2img_templates=templates, num_per_image=1, batch_size=1), subset, None,
                  tmp_path / "single", method="txt2img")  # fmt: skip
-    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    pipe = sdedit.load_img2img(config["model"]["id"], torch.device("cpu"), torch.float32, scheduler=config["generate"]["scheduler"])
     stock = StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
     row = single[0]
     with sdedit.batch_invariant_kernels(torch.device("cpu")):
@@ -550,7 +543,7 @@ def test_inpainting_needs_masks(model_dir, subset, tokens_dir, tmp_path):
 def test_blended_latents_follow_the_keep_mask(model_dir, subset):
     """Inside sdedit: kept latents end as the source's, re-generated ones as plain SDEdit's."""
     config = make_config(model_dir)
-    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    pipe = sdedit.load_img2img(config["model"]["id"], torch.device("cpu"), torch.float32, scheduler=config["generate"]["scheduler"])
     with torch.inference_mode():
         dist = sdedit.encode_source(pipe, Image.open(subset.parent / "img-3.png").convert("RGB"), 64)
         clean, noise = sdedit.start_latents(pipe, dist, torch.Generator().manual_seed(0))
@@ -573,7 +566,7 @@ def test_blended_latents_follow_the_keep_mask(model_dir, subset):
 
 def test_shards_split_each_strength_evenly_whatever_the_batch_size(model_dir, subset):
     config = make_config(model_dir, num_per_image=5)
-    items = plan_items(config, "dafusion", read_manifest(subset)[0])
+    items = plan_items(GenerateSettings.from_config(config, "dafusion"), read_manifest(subset)[0])
     shards = [shard_items(items, i, 3) for i in range(3)]
     assert sorted(i.synthetic_id for shard in shards for i in shard) == sorted(i.synthetic_id for i in items)
     for strength in {item.strength for item in items}:
@@ -603,8 +596,8 @@ def test_nothing_fits_is_an_error():
 
 def test_auto_batch_size_on_cpu_is_fixed(model_dir):
     cpu = torch.device("cpu")
-    assert resolve_batch_size(make_config(model_dir, batch_size="auto"), None, cpu) == CPU_AUTO_BATCH_SIZE
-    assert resolve_batch_size(make_config(model_dir, batch_size=3), None, cpu) == 3
+    assert resolve_batch_size(GenerateSettings.from_config(make_config(model_dir, batch_size="auto"), "dafusion"), None, cpu) == CPU_AUTO_BATCH_SIZE
+    assert resolve_batch_size(GenerateSettings.from_config(make_config(model_dir, batch_size=3), "dafusion"), None, cpu) == 3
 
 
 # --- safety checker ------------------------------------------------------------------------------
@@ -677,16 +670,16 @@ def test_flagged_images_are_redrawn_a_bounded_number_of_times(resampled, subset,
     resamples = {"dafusion-img-0-0": 1, "dafusion-img-1-0": 3, "dafusion-img-3-0": 2}
     assert read_metadata(out)["resamples"] == resamples
     assert (summary["resampled"], summary["nsfw"]) == (3, 1)
-    items = plan_items(config, "dafusion", read_manifest(subset)[0])
+    items = plan_items(GenerateSettings.from_config(config, "dafusion"), read_manifest(subset)[0])
     for item, row in zip(items, rows):
         attempts = resamples.get(item.synthetic_id, 0)
-        assert row["seed"] == (resample_seed(config, "dafusion", item, attempts) if attempts else item.seed)
+        assert row["seed"] == (resample_seed(GenerateSettings.from_config(config, "dafusion"), item, attempts) if attempts else item.seed)
         assert row["nsfw"] is (item.synthetic_id == "dafusion-img-1-0")
     black = rows[1]
     assert (black["width"], black["height"]) == (48, 40) and not pixels(black).any()
 
     # A re-drawn image is what its recorded seed makes.
-    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    pipe = sdedit.load_img2img(config["model"]["id"], torch.device("cpu"), torch.float32, scheduler=config["generate"]["scheduler"])
     add_tokens_to_pipeline(pipe, tokens_dir, CLASSES)
     row = rows[3]  # img-3: 64x64, so no resize back
     with sdedit.batch_invariant_kernels(torch.device("cpu")):
@@ -745,7 +738,7 @@ def test_gpu_speed_options_leave_the_images_as_they_were(option, rows, model_dir
     """`generate.channels_last` and `generate.compile` change kernels, not the images: the same
     shard within float rounding (a level or two of 255), every row present with its settings."""
     config = make_config(model_dir, **{option: True})
-    pipe = sdedit.load_img2img(config["model"], config["generate"], torch.device("cpu"), torch.float32)
+    pipe = sdedit.load_img2img(config["model"]["id"], torch.device("cpu"), torch.float32, **{option: True})
     if option == "channels_last":
         conv = pipe.unet.conv_in.weight
         assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -756,3 +749,31 @@ def test_gpu_speed_options_leave_the_images_as_they_were(option, rows, model_dir
     assert [(row["strength"], row["seed"]) for row in optioned] == [(row["strength"], row["seed"]) for row in rows]
     largest = max(int(np.abs(pixels(a) - pixels(b)).max()) for a, b in zip(optioned, rows))
     assert largest <= 2, f"{option} moved a pixel by {largest} levels"
+
+
+class RecordingConfig(dict):
+    """A config that records the dotted path of every key read through it."""
+
+    def __init__(self, data: dict, reads: set, prefix: str = ""):
+        super().__init__(data)
+        self.reads, self.prefix = reads, prefix
+
+    def __getitem__(self, key):
+        path = f"{self.prefix}{key}"
+        self.reads.add(path)
+        value = super().__getitem__(key)
+        return RecordingConfig(value, self.reads, f"{path}.") if isinstance(value, dict) else value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+@pytest.mark.parametrize("method", ["dafusion", "txt2img"])
+def test_the_stage_reads_only_config_keys_its_settings_declare(method, model_dir, subset, tokens_dir, tmp_path):
+    """Every config value the generate stage reads is a field of GenerateSettings, and so part of the
+    rule's params and the resume key (or declared as changing only how the job runs)."""
+    reads: set[str] = set()
+    config = RecordingConfig(make_config(model_dir, num_per_image=1), reads)
+    generate_shard(config, subset, tokens_dir if method == "dafusion" else None, method, 0, 1, tmp_path / "a.parquet")
+    leaves = {path for path in reads if not any(other.startswith(path + ".") for other in reads)}
+    assert leaves and leaves <= set(GenerateSettings.CONFIG_KEYS.values()), leaves - set(GenerateSettings.CONFIG_KEYS.values())

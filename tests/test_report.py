@@ -89,12 +89,6 @@ def fake_results(tmp_path):
     return config
 
 
-def test_token_methods_match_the_generate_stage():
-    from pipeline.generate import METHODS
-
-    assert {name for name, method in METHODS.items() if method.needs_tokens} == layout.TOKEN_METHODS
-
-
 def test_report_tables_and_page(fake_results, tmp_path):
     out = tmp_path / "report"
     build_report(fake_results, out)

@@ -25,11 +25,12 @@ envvars:
     "PYTHONPATH",
 
 
-from pipeline import PipelineError, layout
+from pipeline import PipelineError, layout, methods
 from pipeline.augment import parse_method
 from pipeline.checkpoint import check_corpus_disjoint, is_local, model_files, verify_if_local
 from pipeline.config import stable_json, validate_config
 from pipeline.hashing import code_hash, value_hash
+from pipeline.settings import GenerateSettings
 
 try:
     validate_config(config)
@@ -104,6 +105,11 @@ def stage_params(module, *keys, drop=()):
     return {"cfg": stable_json(picked), "code": code_hash(module)}
 
 
+def generate_settings_key(wildcards):
+    """A generate job's params: the key of its method's settings (pipeline.settings), what can change its shards."""
+    return stable_json(GenerateSettings.from_config(config, wildcards.method).key())
+
+
 def resolved_config_file():
     """The validated config with defaults, written once under a content hash.
 
@@ -135,7 +141,7 @@ def model_input():
 
 
 def tokens_input(wildcards):
-    if wildcards.method in layout.TOKEN_METHODS:
+    if "tokens" in methods.get(wildcards.method).needs:
         return layout.tokens(R, wildcards.k, wildcards.seed)
     return []
 

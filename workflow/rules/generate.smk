@@ -9,16 +9,11 @@ rule generate:
     output:
         layout.shard(R, "{method}", "{k}", "{seed}", "{shard}", "{total}"),
     params:
-        # batch_size is left out: seeds, strengths and prompts do not depend on it, nor pixels on CPU
-        # (on GPU a level or two: kernels sum in batch-dependent orders), so changing it reruns nothing.
-        **stage_params(
-            "pipeline.generate",
-            "model",
-            "generate",
-            "seed",
-            "cpu_threads",
-            drop=["model.build_tiny", "generate.batch_size", "generate.flush_every", "generate.methods", "generate.num_shards", "generate.export_dir"],
-        ),
+        # From the method's GenerateSettings: batch size, flush interval and device are left out (seeds,
+        # strengths and prompts do not depend on them, nor pixels on CPU; on GPU a level or two, as
+        # kernels sum in batch-dependent orders), so changing them reruns nothing.
+        cfg=generate_settings_key,
+        code=code_hash("pipeline.generate"),
         tokens=tokens_arg,  # "--tokens <quoted path>" or nothing, so used as {params.tokens} without :q
     log:
         log_path("generate", f"{{method}}/{SUBSET}/shard-{{shard}}-of-{{total}}"),

@@ -1,0 +1,99 @@
+"""The generation methods, one entry each: what a method needs, how it prompts, what it starts
+from and which part of the source it re-generates.
+
+This module imports neither torch nor diffusers: the Snakefile reads it while it builds the DAG
+(which jobs need learned tokens), the config checks read it, and so does the report.
+
+A method is data. `kind` names the module of `pipeline.makers` that turns a batch of work items
+into images (`pipeline.makers.MAKERS`); everything else a method varies is a field here, read by
+the work plan (`pipeline.generate_plan`: strength and template draws) and by the stage
+(`pipeline.generate`: prompts, checks). So:
+
+* a method of an existing kind is one `Method(...)` entry below plus its tests (the schema's enum
+  of `generate.methods` lists it too; tests/test_registries.py fails until it does);
+* a method of a new kind (one that starts from another class's image, or from a model adapted
+  per class) is one new module in `pipeline/makers/`, registered in `MAKERS`, plus its entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline import PipelineError
+
+# What a method can need besides a subset and the base model. "tokens": the invert stage's learned
+# class tokens; "masks": each source image's object mask (the subset's mask_path).
+NEEDS = frozenset({"tokens", "masks"})
+STARTS = ("source", "noise")  # a source image noised to t0 (SDEdit), or pure noise (text-to-image)
+REGIONS = ("image", "object", "background")  # the part of the source a method re-generates
+FILLS = ("token", "class_name", None)  # what replaces "{}" in the prompt template
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # the pipeline.makers module that makes its images
+    template: str | None  # "{}" is filled per `fill`; None: one of generate.txt2img_templates per image
+    fill: str | None
+    start: str = "source"
+    region: str = "image"
+    strength: float | None = None  # its own t0; None: generate.strength if set, else drawn from {1/k, ..., k/k}
+
+    def __post_init__(self):
+        if self.start not in STARTS or self.region not in REGIONS or self.fill not in FILLS:
+            raise ValueError(f"method {self.name!r}: start, region or fill is none of {STARTS}, {REGIONS}, {FILLS}")
+        if self.start == "noise" and (self.region != "image" or self.strength is not None):
+            raise ValueError(f"method {self.name!r} starts from noise: it has no source region or strength")
+
+    @property
+    def needs(self) -> frozenset[str]:
+        needs = set()
+        if self.fill == "token":
+            needs.add("tokens")
+        if self.region != "image":
+            needs.add("masks")
+        return frozenset(needs)
+
+    @property
+    def draws_template(self) -> bool:
+        return self.template is None
+
+    def prompt(self, template: str, class_name: str, class_tokens: dict[str, str]) -> str:
+        """The prompt of one image of class `class_name` (`class_tokens`: class name -> its learned token)."""
+        if self.fill == "token":
+            return template.format(class_tokens[class_name])
+        if self.fill == "class_name":
+            return template.format(class_name)
+        return template
+
+
+METHODS = {
+    method.name: method
+    for method in (
+        # DA-Fusion (Trabucco et al., eq. 5 and section 4.2): SDEdit towards the learned class token,
+        # t0 drawn per image from {1/k, ..., k/k}.
+        Method("dafusion", "img2img", "a photo of a {}", "token"),
+        # Real Guidance (He et al. 2022): the class name in the prompt, t0 = 0.5.
+        Method("real-guidance", "img2img", "a photo of a {}", "class_name", strength=0.5),
+        Method("class-agnostic", "img2img", "a photo", None),
+        # Vanilla Stable Diffusion synthetic data: a class-name template, no real image.
+        Method("txt2img", "txt2img", None, "class_name", start="noise"),
+        # DA-Fusion eq. 7 (object-centric): only the labelled object, or only its background, changes.
+        Method("inpaint-fg", "img2img", "a photo of a {}", "token", region="object"),
+        Method("inpaint-bg", "img2img", "a photo of a {}", "token", region="background"),
+    )
+}
+
+
+def get(name: str) -> Method:
+    """The registered method `name`; PipelineError naming the known ones otherwise."""
+    if name not in METHODS:
+        raise PipelineError(f"unknown generation method {name!r}. Expected one of {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+def needing(need: str, names) -> list[str]:
+    """The methods among `names` that need `need` (one of NEEDS), in the given order."""
+    if need not in NEEDS:
+        raise ValueError(f"unknown need {need!r}; expected one of {sorted(NEEDS)}")
+    return [name for name in names if need in get(name).needs]
