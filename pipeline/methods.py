@@ -2,7 +2,7 @@
 from and which part of the source it re-generates.
 
 This module imports neither torch nor diffusers: the Snakefile reads it while it builds the DAG
-(which jobs need learned tokens), the config checks read it, and so does the report.
+(which jobs need learned tokens), and so do the stage settings (pipeline.settings).
 
 A method is data. `kind` names the module of `pipeline.makers` that turns a batch of work items
 into images (`pipeline.makers.MAKERS`); everything else a method varies is a field here, read by

@@ -6,7 +6,7 @@ field that can change the stage's output. That one key is the rule's params (so 
 job exactly when its output could change) and the resume key of a half-finished job; a field that
 only says how the work is done (batch size, flush interval, device) is declared `how=True` and
 stays out of it. A stage that starts reading a new setting has to add a field here, which puts it
-in the key: tests/test_settings.py fails when a stage reads a config key no field declares.
+in the key: tests/test_generate.py fails when the stage reads a config key no field declares.
 
 Torch-free: the Snakefile builds these while it makes the DAG.
 """
@@ -85,9 +85,7 @@ class GenerateSettings:
     def from_config(cls, config: dict, method_name: str) -> GenerateSettings:
         method = methods.get(method_name)
         unused = set()
-        if method.start == "noise":
-            unused |= {"strength", "num_intensities"}
-        if method.strength is not None:
+        if method.start == "noise" or method.strength is not None:  # no t0, or the method's own
             unused |= {"strength", "num_intensities"}
         if not method.draws_template:
             unused.add("txt2img_templates")
