@@ -27,6 +27,7 @@ from PIL import Image
 from pipeline.config import validate_config
 from pipeline.device import resolve_device
 from pipeline.fid import FEATURE_DIM, extract_features, frechet_distance, load_feature_extractor
+from pipeline.settings.fid import FidFeatureSettings
 from pipeline.io import decode_image, encode_png, threaded_map
 
 
@@ -104,7 +105,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     config = validate_config({"device": args.device, "fid": {"features": args.features}})
-    extractor = load_feature_extractor(config, device)
+    extractor = load_feature_extractor(FidFeatureSettings.from_config(config), device)
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"device {device}, features {extractor.description}\n"

@@ -41,7 +41,7 @@ from pipeline.io import encode_png, write_parquet
 from pipeline.makers.img2img import Img2ImgMaker
 from pipeline.methods import METHODS
 from pipeline.manifest import manifest_table, read_manifest, read_shards
-from pipeline.settings import GenerateSettings
+from pipeline.settings.generate import GenerateSettings
 from pipeline.tiny_sd import RANDOM_SD1, benchmark_checkpoint
 from pipeline.tokens import add_tokens_to_pipeline, token_for_class, write_token_files
 

@@ -28,6 +28,7 @@ from PIL import Image
 from pipeline import invert as inv
 from pipeline.config import validate_config
 from pipeline.device import resolve_device, resolve_dtype
+from pipeline.settings.invert import InvertSettings
 from pipeline.tiny_sd import RANDOM_SD1, benchmark_checkpoint
 
 CLASSES = ["zero", "one"]
@@ -61,7 +62,7 @@ def ours(model: str, paths: dict[str, list[Path]], config: dict, device: torch.d
     first_new_id = components.text_encoder.get_input_embeddings().num_embeddings
     synchronize(device)
     start = time.perf_counter()
-    inv.train_token_vectors(components, paths, class_tokens, initial, first_new_id, config["invert"], config["model"]["resolution"], 0)
+    inv.train_token_vectors(components, paths, class_tokens, initial, first_new_id, InvertSettings.from_config(config), 0)
     synchronize(device)
     return config["invert"]["steps"] / (time.perf_counter() - start)
 

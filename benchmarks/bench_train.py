@@ -27,7 +27,9 @@ from torch.utils.data import DataLoader
 from pipeline.augment import image_transform
 from pipeline.backbones import Classifier, build_backbone
 from pipeline.config import validate_config
-from pipeline.train import _Loader, _PlanDataset, draw_plan, draw_views, standard_angles, train_step
+from pipeline.settings.train import TrainSettings
+from pipeline.train_fit import Loader, PlanDataset, train_step
+from pipeline.train_plan import draw_plan, draw_views, standard_angles
 
 from bench_fid import smooth_pngs  # a sibling script: benchmarks/ is on sys.path when run
 
@@ -58,12 +60,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    options = validate_config({"train": {"image_size": args.image_size}})["train"]
+    options = TrainSettings.from_config(validate_config({"train": {"image_size": args.image_size}}), "randaugment")
     batch = args.batch_size
 
     model = Classifier(build_backbone(args.backbone, args.weights, args.image_size), args.classes, frozen=True).to(device)
     draws = (args.head_steps + 1) * batch
-    angles = standard_angles(options)
+    angles = standard_angles(options.rotation_degrees, options.rotation_angles)
     plan = draw_plan(args.pool, np.full(args.pool, 0), draws, 0.0, draw_views(draws, True, len(angles), np.random.default_rng(2)),
                      np.random.default_rng(0), np.random.default_rng(1))
     labels = torch.randint(0, args.classes, (args.pool,))
@@ -94,7 +96,7 @@ def main() -> None:
 
     head_steps_per_s = 1 / timed(head_step, repeat=args.head_steps)
 
-    dataset = _PlanDataset(images, labels, plan, angles, image_transform(["randaugment"], options))
+    dataset = PlanDataset(images, labels, plan, angles, image_transform(["randaugment"], options))
     loader = DataLoader(dataset, batch_size=batch, num_workers=args.workers, generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
     pixel_optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-3)
@@ -123,13 +125,13 @@ def main() -> None:
         print(f"| decode: {args.decode_images} 512 px PNGs to {args.image_size} px, {threads} thread(s) | {rate:.0f} images/s |")
 
 
-def decode_rates(options: dict, count: int, thread_counts: list[int]) -> dict[int, float]:
+def decode_rates(options: TrainSettings, count: int, thread_counts: list[int]) -> dict[int, float]:
     """Images/s of the loader's one-time decode of synthetic rows (512 px PNGs that compress about
     as generated images do), per thread count."""
     rows = [{"synthetic_id": str(i), "image": png} for i, png in enumerate(smooth_pngs(512, count))]
     rates = {}
     for threads in thread_counts:
-        loader = _Loader(options, torch.device("cpu"), threads)
+        loader = Loader(options.image_size, options.inference_batch_size, torch.device("cpu"), threads)
         rates[threads] = count / timed(lambda: sum(len(batch) for batch in loader.batches(rows, "decode")), repeat=2)
     return rates
 

@@ -21,9 +21,11 @@ log = logging.getLogger("pipeline")
 
 
 def cmd_build_model(args, config):
+    from pipeline.settings.prepare import TinyModelSettings
     from pipeline.tiny_sd import build_tiny_sd
 
-    build_tiny_sd(args.out, resolution=config["model"]["resolution"], seed=config["seed"])
+    settings = TinyModelSettings.from_config(config)
+    build_tiny_sd(args.out, resolution=settings.resolution, seed=settings.seed)
 
 
 def cmd_pretrain_demo_model(args, config):
@@ -42,8 +44,10 @@ def cmd_train_oracle(args, config):
 
 def cmd_build_demo(args, config):
     from pipeline.demo import build_demo_coco
+    from pipeline.settings.prepare import DemoDatasetSettings
 
-    build_demo_coco(args.out, config["dataset"]["demo"], config["seed"], model_id=config["model"]["id"])
+    settings = DemoDatasetSettings.from_config(config)
+    build_demo_coco(args.out, settings.demo, settings.seed, model_id=settings.model_id)
 
 
 def cmd_download(args, config):
@@ -61,15 +65,10 @@ def cmd_prepare(args, config):
 
 def cmd_fewshot(args, config):
     from pipeline.fewshot import draw_subset
+    from pipeline.settings.prepare import FewshotSettings
 
-    draw_subset(
-        args.manifest,
-        args.examples_per_class,
-        args.trial_seed,
-        config["seed"],
-        config["dataset"]["allow_fewer"],
-        args.out,
-    )
+    settings = FewshotSettings.from_config(config)
+    draw_subset(args.manifest, args.examples_per_class, args.trial_seed, settings.seed, settings.allow_fewer, args.out)
 
 
 def cmd_invert(args, config):
@@ -116,10 +115,12 @@ def cmd_fid(args, config):
 
 def cmd_oracle_scores(args, config):
     from pipeline.oracle import score_shards
+    from pipeline.settings.fid import OracleScoreSettings
 
-    if not config["fid"]["oracle"]:
+    settings = OracleScoreSettings.from_config(config)
+    if not settings.oracle:
         raise PipelineError("oracle-scores: fid.oracle is not set. Expected the oracle folder, e.g. models/oracle")
-    score_shards(config["fid"]["oracle"], args.synthetic, args.manifest, args.out)
+    score_shards(settings.oracle, args.synthetic, args.manifest, args.out)
 
 
 def cmd_train(args, config):

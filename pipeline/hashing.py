@@ -58,6 +58,8 @@ def module_closure(module: str) -> list[Path]:
             continue
         seen[name] = path
         stack.extend(_imported_modules(path))
+        # importing pipeline.a.b runs pipeline/a/__init__.py first
+        stack.extend(name.rsplit(".", depth)[0] for depth in range(1, name.count(".")))
     if module not in seen:
         raise ValueError(f"no source file for module {module!r} under {PACKAGE_DIR}")
     return sorted(set(seen.values()))

@@ -39,6 +39,7 @@ from pipeline.io import atomic_path, open_image, output_lock, read_json
 from pipeline.manifest import read_manifest
 from pipeline.progress import progress
 from pipeline.rng import derive_seed, torch_generator
+from pipeline.settings.invert import InvertSettings
 from pipeline.tokens import (
     TOKENS_FILE,
     format_prompt,
@@ -51,7 +52,6 @@ from pipeline.tokens import (
 log = logging.getLogger(__name__)
 
 STAGE = "invert"
-LOSS_FILE = "loss.csv"
 # AdamW settings of the reference (diffusers examples/textual_inversion defaults).
 ADAM_BETAS = (0.9, 0.999)
 ADAM_WEIGHT_DECAY = 1e-2
@@ -276,8 +276,7 @@ def train_token_vectors(
     class_tokens: dict[str, str],
     initial: torch.Tensor,
     first_new_id: int,
-    invert_config: dict,
-    resolution: int,
+    settings: InvertSettings,
     seed: int,
     checkpoint_path: Path | None = None,
 ) -> tuple[torch.Tensor, list[tuple[float, dict[str, float]]]]:
@@ -292,13 +291,11 @@ def train_token_vectors(
     is resumed from.
     """
     classes = list(class_tokens)
-    num_vectors = invert_config["num_vectors"]
-    batch_size = invert_config["batch_size"]
-    steps = invert_config["steps"]
+    num_vectors, batch_size, steps, resolution = settings.num_vectors, settings.batch_size, settings.steps, settings.resolution
     if initial.shape[0] != len(classes) * num_vectors:
         raise ValueError(f"expected {num_vectors} initial rows for each of {classes}, got {initial.shape[0]} rows")
     vectors = nn.Parameter(initial.to(components.device, torch.float32, copy=True))
-    learning_rate = invert_config["learning_rate"] * (batch_size if invert_config["scale_lr"] else 1)
+    learning_rate = settings.learning_rate * (batch_size if settings.scale_lr else 1)
     optimizer = torch.optim.AdamW([vectors], lr=learning_rate, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS)
     scaler = torch.amp.GradScaler(components.device.type, enabled=components.dtype == torch.float16)
     fingerprint = value_hash(
@@ -309,7 +306,7 @@ def train_token_vectors(
             "classes": class_tokens,
             "images": {c: [str(p) for p in class_paths[c]] for c in classes},
             "initial": initial.tolist(),
-            "invert": {k: v for k, v in invert_config.items() if k not in ("checkpoint_every", "mode", "samples")},
+            "settings": settings.key(),
             **cpu_numerics(components.device),
         }
     )
@@ -329,9 +326,9 @@ def train_token_vectors(
     if start == steps:
         return vectors.detach().cpu(), losses
 
-    cache = encode_latents(components, [class_paths[c] for c in classes], resolution, invert_config["flip"])
-    prompt_ids = _prompt_ids(components, list(class_tokens.values()), invert_config["templates"], num_vectors)
-    draws = _StepDraws(seed, tuple(classes), cache.count, len(invert_config["templates"]), batch_size, invert_config["flip"])
+    cache = encode_latents(components, [class_paths[c] for c in classes], resolution, settings.flip)
+    prompt_ids = _prompt_ids(components, list(class_tokens.values()), settings.templates, num_vectors)
+    draws = _StepDraws(seed, tuple(classes), cache.count, len(settings.templates), batch_size, settings.flip)
 
     def flush(pending: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Losses of the pending steps to the host: one sync per checkpoint, not per step."""
@@ -355,7 +352,7 @@ def train_token_vectors(
         with atomic_path(checkpoint_path) as tmp:
             torch.save(state, tmp)
 
-    checkpoint_every = invert_config["checkpoint_every"]
+    checkpoint_every = settings.checkpoint_every
     latent_shape = tuple(cache.mean.shape[1:])
     num_train_timesteps = components.noise_scheduler.config.num_train_timesteps
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (per-example losses still on the device, examples)
@@ -426,30 +423,30 @@ def invert_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: l
     learned_embeds.safetensors, one folder per class, tokens.json and loss.csv atomically, and
     resumes from `<out_dir>.ckpt/` if an earlier call was interrupted. Holds `<out_dir>.lock`
     throughout (PipelineError at once if another process holds it), so that no second process
-    resumes from, or deletes, the checkpoints of a live one.
+    resumes from, or deletes, the checkpoints of a live one. The only reader of `config`:
+    everything below gets the stage's InvertSettings.
     """
     out_dir = Path(out_dir)
     with output_lock(out_dir):
-        return _learn_tokens(config, Path(subset_path), out_dir, class_names)
+        return _learn_tokens(InvertSettings.from_config(config), Path(subset_path), out_dir, class_names)
 
 
-def _learn_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: list[str] | None) -> dict:
+def _learn_tokens(settings: InvertSettings, subset_path: Path, out_dir: Path, class_names: list[str] | None) -> dict:
     """invert_tokens' work, by the holder of the output's lock."""
-    invert_config, model_config = config["invert"], config["model"]
     rows, meta = read_manifest(subset_path)
     class_tokens = _select_classes(meta, subset_path, class_names)
     class_paths = _class_images(rows, subset_path, list(class_tokens))
-    device = resolve_device(config["device"])
-    dtype = resolve_dtype(model_config["dtype"], device)
-    components = load_components(model_config["id"], device, dtype, invert_config["gradient_checkpointing"])
-    num_vectors = invert_config["num_vectors"]
-    initial = add_class_tokens(components, class_tokens, invert_config["init"], num_vectors)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    components = load_components(settings.model_id, device, dtype, settings.gradient_checkpointing)
+    num_vectors = settings.num_vectors
+    initial = add_class_tokens(components, class_tokens, settings.init, num_vectors)
     first_new_id = components.text_encoder.get_input_embeddings().num_embeddings
 
     # Each trial draws its own timesteps, noise and batches, so trials are independent repetitions.
-    trial_seed = derive_seed(config["seed"], STAGE, "trial", meta.get("trial_seed", 0))
+    trial_seed = derive_seed(settings.seed, STAGE, "trial", meta.get("trial_seed", 0))
     classes = list(class_tokens)
-    runs = [[name] for name in classes] if invert_config["mode"] == "per_class" else [classes]
+    runs = [[name] for name in classes] if settings.mode == "per_class" else [classes]
     checkpoint_dir = checkpoint_dir_for(out_dir)
     vectors: dict[str, torch.Tensor] = {}
     loss_rows: list[tuple[int, str, float]] = []
@@ -464,8 +461,7 @@ def _learn_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: l
             {name: class_tokens[name] for name in run},
             initial[rows_of_run],
             first_new_id + offset,
-            invert_config,
-            model_config["resolution"],
+            settings,
             trial_seed,
             checkpoint_dir / f"{value_hash(run)}.pt",
         )
@@ -481,24 +477,24 @@ def _learn_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: l
 
     metadata = {
         "num_vectors": num_vectors,
-        "init": invert_config["init"],
-        "model": model_config["id"],
-        "resolution": model_config["resolution"],
-        "templates": invert_config["templates"],
-        "steps": invert_config["steps"],
-        "seed": config["seed"],
+        "init": settings.init,
+        "model": settings.model_id,
+        "resolution": settings.resolution,
+        "templates": list(settings.templates),
+        "steps": settings.steps,
+        "seed": settings.seed,
         "subset": str(subset_path),
         **cpu_numerics(device),
     }
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         write_token_files(tmp, class_tokens, vectors, metadata)
-        _write_loss_csv(tmp / LOSS_FILE, loss_rows)
+        _write_loss_csv(tmp / layout.LOSS_FILE, loss_rows)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    total_steps = invert_config["steps"] * len(runs)
+    total_steps = settings.steps * len(runs)
     log.info(
         "learned %d tokens (%d vectors each) in %d run(s) of %d steps, %.1fs (%.2f steps/s); final loss %s -> %s",
-        len(class_tokens), num_vectors, len(runs), invert_config["steps"], seconds, total_steps / seconds,
+        len(class_tokens), num_vectors, len(runs), settings.steps, seconds, total_steps / seconds,
         ", ".join(f"{k} {v:.4f}" for k, v in final_loss.items()), out_dir,
     )
     return {
@@ -506,7 +502,7 @@ def _learn_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: l
         "tokens": class_tokens,
         "num_vectors": num_vectors,
         "runs": len(runs),
-        "steps": invert_config["steps"],
+        "steps": settings.steps,
         "seconds": seconds,
         "final_loss": final_loss,
     }
@@ -542,13 +538,13 @@ def merge_tokens(token_dirs: list[Path], out_dir: Path) -> dict:
             raise PipelineError(f"{token_dir}: classes {repeated} already come from another folder being merged")
         class_tokens.update(dir_classes)
         vectors.update(dir_vectors)
-        loss_path = token_dir / LOSS_FILE
+        loss_path = token_dir / layout.LOSS_FILE
         if loss_path.is_file():
             with loss_path.open(newline="") as handle:
                 loss_rows += list(csv.reader(handle))[1:]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         write_token_files(tmp, class_tokens, vectors, reference_meta)
-        _write_loss_csv(tmp / LOSS_FILE, loss_rows)
+        _write_loss_csv(tmp / layout.LOSS_FILE, loss_rows)
     log.info("merged %d tokens from %d folders into %s", len(class_tokens), len(token_dirs), out_dir)
     return {"out_dir": str(out_dir), "tokens": class_tokens, "num_vectors": reference_meta["num_vectors"], "sources": len(token_dirs)}

@@ -19,6 +19,15 @@ DEMO_DIGITS_FILE = "mnist_indices.json"
 # class's own rows sit beside them).
 JOINT_LOSS_LABEL = "all"
 
+# Files inside the folders stages write, part of the data contract (../shared/design.md):
+CLASSES_FILE = "classes.json"  # prepare/: the class names, in label order
+STATS_FILE = "stats.json"  # prepare/: image counts per split and class, and what was left out
+MASKS_DIR = "masks"  # prepare/: one packed object mask per image
+TOKENS_FILE = "tokens.json"  # a tokens folder: class -> token, and how they were learned
+EMBEDDINGS_FILE = "learned_embeds.safetensors"  # a tokens folder, and each of its per-class folders
+LOSS_FILE = "loss.csv"  # a tokens folder: step, class, loss
+EXPORT_INDEX = "images.csv"  # an export folder: one row per exported PNG
+
 
 def class_slug(class_name: str) -> str:
     """A class's name in its token and its tokens subfolder: lowercase, whitespace runs -> '-', and
@@ -38,12 +47,22 @@ def manifest(results: str) -> str:
     return f"{results}/prepare/manifest.parquet"
 
 
+def prepared(results: str, name: str) -> str:
+    """A file or folder `prepare` writes beside the manifest (CLASSES_FILE, STATS_FILE, MASKS_DIR)."""
+    return f"{results}/prepare/{name}"
+
+
 def subset(results: str, k, trial_seed) -> str:
     return f"{results}/subsets/{subset_name(k, trial_seed)}.parquet"
 
 
 def tokens(results: str, k, trial_seed) -> str:
     return f"{results}/invert/{subset_name(k, trial_seed)}"
+
+
+def token_class_dir(tokens_dir, token: str) -> str:
+    """The per-class folder of a tokens folder (one class's embedding, as diffusers' load_textual_inversion takes it)."""
+    return f"{tokens_dir}/{token.strip('<>')}"
 
 
 def token_samples(results: str, k, trial_seed) -> str:

@@ -25,8 +25,9 @@ import multiprocessing
 from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
-from pipeline import PipelineError
+from pipeline import PipelineError, layout
 from pipeline.datasets import BAD_INPUT, SOURCE_SPLITS, LabelContext, Labelled, Source, label_or_reject
 from pipeline.datasets.coco import read_coco
 from pipeline.datasets.folder import read_folder
@@ -37,6 +38,7 @@ from pipeline.layout import class_slug
 from pipeline.manifest import SPLITS, manifest_table
 from pipeline.progress import progress
 from pipeline.rng import derive_seed
+from pipeline.settings.prepare import PrepareSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +59,17 @@ def prepare_dataset(config: dict, out_dir: Path, threads: int = 1) -> dict:
     `threads` worker processes decode masks (and, for VOC and folders, images) in parallel; the
     outputs do not depend on it. Returns a summary: image counts per split and left-out counts.
     """
-    dataset = config["dataset"]
-    root = Path(dataset["root"]).resolve()
+    settings = PrepareSettings.from_config(config)
+    root = Path(settings.root).resolve()
     if not root.is_dir():
-        raise PipelineError(f"dataset.root: {root} is not a folder (dataset.name is {dataset['name']!r})")
+        raise PipelineError(f"dataset.root: {root} is not a folder (dataset.name is {settings.name!r})")
     out_dir = Path(out_dir)
-    if dataset["name"] == "voc":
+    if settings.name == "voc":
         root = find_voc_root(root)
-    source = READERS[dataset["name"]](root, dataset)
-    classes = select_classes(source.classes, dataset["classes"], root)
+    source = READERS[settings.name](root, settings)
+    classes = select_classes(source.classes, settings.classes, root)
     check_distinct_tokens(classes)
-    mask_root = (out_dir / "masks").resolve()
+    mask_root = (out_dir / layout.MASKS_DIR).resolve()
     manifest_path = out_dir / "manifest.parquet"
     # A manifest on disk must describe the masks beside it: drop an old one before replacing them.
     manifest_path.unlink(missing_ok=True)
@@ -75,10 +77,10 @@ def prepare_dataset(config: dict, out_dir: Path, threads: int = 1) -> dict:
     with atomic_path(mask_root) as mask_tmp:
         mask_tmp.mkdir()
         context = LabelContext(root=root, mask_dir=mask_tmp, keep=frozenset(classes))
-        labelled = label_all(source, context, threads, stop_on_bad_input=dataset["on_bad_image"] == "error")
+        labelled = label_all(source, context, threads, stop_on_bad_input=settings.on_bad_image == "error")
 
     kept = [item for item in labelled if item.left_out is None]
-    splits = assign_splits(kept, config["seed"], dataset["test_fraction"], dataset["holdout_fraction"])
+    splits = assign_splits(kept, settings.seed, settings.test_fraction, settings.holdout_fraction)
     label_of = {name: index for index, name in enumerate(classes)}
     rows = [
         {
@@ -93,16 +95,16 @@ def prepare_dataset(config: dict, out_dir: Path, threads: int = 1) -> dict:
         }
         for item in sorted(kept, key=lambda item: item.image_id)
     ]
-    stats = split_statistics(dataset["name"], root, classes, rows, source.left_out + [i for i in labelled if i.left_out])
+    stats = split_statistics(settings.name, root, classes, rows, source.left_out + [i for i in labelled if i.left_out])
     check_every_class_has_train_images(stats, root)
 
-    write_json(out_dir / "classes.json", classes)
-    write_json(out_dir / "stats.json", stats)
-    metadata = {"dataset": dataset["name"], "dataset_root": str(root), "mask_root": str(mask_root), "classes": classes}
+    write_json(out_dir / layout.CLASSES_FILE, classes)
+    write_json(out_dir / layout.STATS_FILE, stats)
+    metadata = {"dataset": settings.name, "dataset_root": str(root), "mask_root": str(mask_root), "classes": classes}
     write_parquet(manifest_path, manifest_table(rows), metadata)
 
     summary = {
-        "dataset": dataset["name"],
+        "dataset": settings.name,
         "classes": len(classes),
         "images": stats["totals"],
         "left_out": stats["left_out"]["counts"],
@@ -110,7 +112,7 @@ def prepare_dataset(config: dict, out_dir: Path, threads: int = 1) -> dict:
     }
     log.info(
         "prepared %s: %d classes, %s images, %d left out (%s) -> %s",
-        dataset["name"], len(classes),
+        settings.name, len(classes),
         " / ".join(f"{stats['totals'][s]} {s}" for s in SPLITS),
         sum(summary["left_out"].values()),
         ", ".join(f"{n} {reason}" for reason, n in summary["left_out"].items()) or "none",
@@ -119,7 +121,7 @@ def prepare_dataset(config: dict, out_dir: Path, threads: int = 1) -> dict:
     return summary
 
 
-def select_classes(available: list[str], requested: list[str] | None, root: Path) -> list[str]:
+def select_classes(available: list[str], requested: Sequence[str] | None, root: Path) -> list[str]:
     """dataset.classes in the order given, or all of the dataset's classes in its own order."""
     if requested is None:
         return list(available)

@@ -22,6 +22,7 @@ from pipeline import PipelineError, layout
 from pipeline.augment import parse_method
 from pipeline.io import atomic_path, decode_image, read_json
 from pipeline.manifest import read_manifest, read_shards
+from pipeline.records import Fid, Metrics, OracleScores, read_results
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def confidence_interval_68(values: list[float]) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.84, arr.size - 1) * sem)
 
 
-def summary_rows(metrics: list[dict]) -> list[dict]:
-    rows = [{column: m.get(column) for column in SUMMARY_COLUMNS} for m in metrics]
+def summary_rows(metrics: list[Metrics]) -> list[dict]:
+    rows = [{column: getattr(m, column) for column in SUMMARY_COLUMNS} for m in metrics]
     return sorted(rows, key=lambda r: (str(r["method"]), r["examples_per_class"], r["trial_seed"]))
 
 
@@ -73,21 +74,22 @@ def aggregate(rows: list[dict], value: str = "accuracy") -> dict[tuple[str, int]
     return out
 
 
-def synthetic_quality(config: dict, train_methods: list[str]) -> dict[tuple[str, int], dict]:
+def synthetic_quality(fid_records: list[Fid], train_methods: list[str]) -> dict[tuple[str, int], dict]:
     """FID and KID of each training method's synthetic source by examples per class, averaged over
     trial seeds: {(train method, k): {"synthetic_method", "fid", "kid", "n"}}; real-only methods are absent."""
-    results, generation = config["results"], set(config["generate"]["methods"])
+    generation = {record.method for record in fid_records}
     quality = {}
     for method in train_methods:
         source, _ = parse_method(method, generation)
         if source is None:
             continue
         by_k = defaultdict(list)
-        for k, seed in layout.subsets_in(config):
-            by_k[k].append(read_json(layout.fid(results, source, k, seed)))
+        for record in fid_records:
+            if record.method == source:
+                by_k[record.examples_per_class].append(record)
         for k, values in by_k.items():
-            fids = [v["fid"] for v in values if v.get("fid") is not None]
-            kids = [v["kid"] for v in values if v.get("kid") is not None]
+            fids = [v.fid for v in values if v.fid is not None]
+            kids = [v.kid for v in values if v.kid is not None]
             quality[(method, k)] = {
                 "synthetic_method": source,
                 "fid": float(np.mean(fids)) if fids else None,
@@ -314,13 +316,13 @@ def model_banner(config: dict) -> str:
     )
 
 
-def pool_oracle_scores(results: list[dict]) -> dict[str, dict[str, float]]:
-    """Per t0, the oracle scores of several subsets (oracle_scores outputs) pooled over their images:
-    agreement, the sources' agreement and pixel distance weighted by each subset's image count, since
-    a k = 1 subset holds a few images per t0 and must not weigh as much as a k = 16 one."""
+def pool_oracle_scores(results: list[OracleScores]) -> dict[str, dict[str, float]]:
+    """Per t0, the oracle scores of several subsets pooled over their images: agreement, the sources'
+    agreement and pixel distance weighted by each subset's image count, since a k = 1 subset holds a
+    few images per t0 and must not weigh as much as a k = 16 one."""
     parts: dict[str, list[dict]] = defaultdict(list)
     for result in results:
-        for t0, scores in result["by_strength"].items():
+        for t0, scores in result.by_strength.items():
             parts[t0].append(scores)
     pooled = {}
     for t0, scores in parts.items():
@@ -330,21 +332,19 @@ def pool_oracle_scores(results: list[dict]) -> dict[str, dict[str, float]]:
     return pooled
 
 
-def strength_table(fid_paths: list[str], oracle_paths: list[str]) -> str:
+def strength_table(fid_records: list[Fid], oracle_records: list[OracleScores]) -> str:
     """FID/KID per t0 averaged over the subsets, beside the oracle's scores pooled over their images."""
     columns: dict[str, dict] = defaultdict(lambda: defaultdict(list))
-    for path in fid_paths:
-        method = Path(path).parent.name
-        for t0, scores in (read_json(path).get("by_strength") or {}).items():
+    for record in fid_records:
+        for t0, scores in record.by_strength.items():
             for key in ("fid", "kid"):
                 if scores.get(key) is not None:
-                    columns[(method, t0)][key].append(scores[key])
+                    columns[(record.method, t0)][key].append(scores[key])
     real: list[float] = []
-    oracle_by_method: dict[str, list[dict]] = defaultdict(list)
-    for path in oracle_paths:
-        value = read_json(path)
-        real.append(value["real_test_agreement"])
-        oracle_by_method[Path(path).parent.name].append(value)
+    oracle_by_method: dict[str, list[OracleScores]] = defaultdict(list)
+    for record in oracle_records:
+        real.append(record.real_test_agreement)
+        oracle_by_method[record.method].append(record)
     for method, results in oracle_by_method.items():
         for t0, pooled in pool_oracle_scores(results).items():
             columns[(method, t0)]["oracle"] = pooled
@@ -375,8 +375,8 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     results = config["results"]
     expected = layout.expected_outputs(config)
-    metrics = [read_json(p) for p in expected["metrics"]]
-    fids = {p: read_json(p) for p in expected["fid"]}
+    recorded = read_results(config)
+    metrics, fids = recorded.metrics, recorded.fid
     rows = summary_rows(metrics)
     agg = aggregate(rows, "accuracy")
     agg_mca = aggregate(rows, "mean_class_accuracy")
@@ -387,7 +387,7 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     manifest_rows, manifest_meta = read_manifest(layout.manifest(results))
     classes = manifest_meta["classes"]
 
-    quality = synthetic_quality(config, methods)
+    quality = synthetic_quality(fids, methods)
 
     write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS)
     by_method = [
@@ -430,10 +430,10 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     sections.append("<h2>Per-class test accuracy (%) at the largest k</h2>")
     per_class: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for m in metrics:
-        if int(m["examples_per_class"]) == ks[-1]:
-            for name, acc in (m.get("per_class_accuracy") or {}).items():
+        if m.examples_per_class == ks[-1]:
+            for name, acc in m.per_class_accuracy.items():
                 if acc is not None:  # None: the class has no test image
-                    per_class[m["method"]][name].append(acc)
+                    per_class[m.method][name].append(acc)
     if per_class:
         sections.append(
             _table(
@@ -444,28 +444,23 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
 
     sections.append("<h2>Synthetic image quality: FID and KID against real training images</h2>")
     fid_rows, small = [], False
-    for path, value in fids.items():
-        method = Path(path).parent.name
-        subset = Path(path).stem
-        small |= min(value.get("n_real", 0), value.get("n_synthetic", 0)) < FID_RELIABLE_N
-        floor = value.get("floor") or {}
+    for record in fids:
+        small |= min(record.n_real, record.n_synthetic) < FID_RELIABLE_N
         fid_rows.append([
-            html.escape(method), html.escape(subset), _fmt(value.get("fid"), 2),
-            _fmt(value.get("kid"), 4) + (f" ± {_fmt(value.get('kid_std'), 4)}" if value.get("kid_std") is not None else ""),
-            _fmt(value.get("n_real")), _fmt(value.get("n_synthetic")),
-            _fmt(floor.get("fid") if isinstance(floor, dict) else floor, 2),
+            html.escape(record.method), html.escape(layout.subset_name(record.examples_per_class, record.trial_seed)), _fmt(record.fid, 2),
+            _fmt(record.kid, 4) + (f" ± {_fmt(record.kid_std, 4)}" if record.kid_std is not None else ""),
+            _fmt(record.n_real), _fmt(record.n_synthetic), _fmt(record.floor_fid, 2),
         ])
     if fid_rows:
         sections.append(_table(["method", "subset", "FID", "KID", "n real", "n synthetic", "real-vs-real floor"], fid_rows))
-        extractor = next(iter(fids.values())).get("feature_extractor", "")
-        sections.append(f'<p class="muted">Features: {html.escape(str(extractor))}; resize {html.escape(str(next(iter(fids.values())).get("resize", "")))}.</p>')
+        sections.append(f'<p class="muted">Features: {html.escape(str(fids[0].feature_extractor))}; resize {html.escape(str(fids[0].resize))}.</p>')
     if small:
         sections.append(
             f'<p class="note">Fewer than {FID_RELIABLE_N} images on at least one side: the feature covariance is rank-deficient and '
             "FID is biased upwards; compare KID (unbiased for small sets) and the real-vs-real floor instead.</p>"
         )
 
-    if expected["fid"]:
+    if fids:
         sections.append("<h2>What SDEdit strength t0 does</h2>")
         sections.append(
             '<p class="muted">Per t0, averaged over the subsets: FID and KID of the images made at that strength against '
@@ -473,10 +468,10 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
             "under test), the share of images it assigns to the source image's class, and the mean absolute pixel "
             "difference to the source (0-1 scale). The first row is the oracle on the real test images.</p>"
         )
-        sections.append(strength_table(expected["fid"], expected["oracle"]))
+        sections.append(strength_table(fids, recorded.oracle))
 
     if expected["tokens"]:
-        loss_files = {Path(d).name: Path(d) / "loss.csv" for d in expected["tokens"]}
+        loss_files = {layout.subset_name(k, s): Path(layout.tokens(results, k, s)) / layout.LOSS_FILE for k, s in layout.subsets_in(config)}
         sections.append("<h2>Textual inversion: did the tokens learn?</h2>")
         sections.append(
             '<p class="muted">Training loss of the learned class tokens (moving average over a tenth of the run). '

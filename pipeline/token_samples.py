@@ -24,6 +24,7 @@ from pipeline.device import resolve_device, resolve_dtype
 from pipeline.io import atomic_path, write_json
 from pipeline.progress import progress
 from pipeline.rng import derive_seed
+from pipeline.settings.token_samples import TokenSampleSettings
 from pipeline.tokens import add_tokens_to_pipeline, load_token_file
 
 log = logging.getLogger(__name__)
@@ -52,30 +53,31 @@ def render_token_samples(config: dict, tokens_dir: str | Path, out_path: str | P
 
     The grid has one row per class and `invert.samples.per_class` columns of model.resolution²
     tiles. The legend (`layout.token_samples_legend(out_path)`) names each row's class, token and prompt, and each
-    column's seed. Both are written atomically. Returns the legend.
+    column's seed. Both are written atomically. Returns the legend. The only reader of `config`: the
+    rest gets the stage's TokenSampleSettings.
     """
+    settings = TokenSampleSettings.from_config(config)
     tokens_dir, out_path = Path(tokens_dir), Path(out_path)
     if out_path.suffix.lower() != ".png":
         raise PipelineError(f"token samples: output {out_path} must be a .png file. Got suffix {out_path.suffix!r}")
-    samples, model = config["invert"]["samples"], config["model"]
     class_tokens, _ = load_token_file(tokens_dir)
-    device = resolve_device(config["device"])
-    dtype = resolve_dtype(model["dtype"], device)
-    pipe = sdedit.load_img2img(model["id"], device, dtype, scheduler=SCHEDULER)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    pipe = sdedit.load_img2img(settings.model_id, device, dtype, scheduler=SCHEDULER)
     add_tokens_to_pipeline(pipe, tokens_dir, list(class_tokens))
 
-    resolution = model["resolution"]
-    seeds = column_seeds(config["seed"], samples["per_class"])
-    prompts = {name: samples["template"].format(token) for name, token in class_tokens.items()}
+    resolution = settings.resolution
+    seeds = column_seeds(settings.seed, settings.per_class)
+    prompts = {name: settings.template.format(token) for name, token in class_tokens.items()}
     started = time.perf_counter()
     rows = []
     with torch.inference_mode():
         noise = torch.cat([sdedit.txt2img_noise(pipe, resolution, torch.Generator().manual_seed(s)) for s in seeds])
-        guided = sdedit.use_guidance(pipe, samples["guidance_scale"])
+        guided = sdedit.use_guidance(pipe, settings.guidance_scale)
         negative_embeds = sdedit.encode_negative_prompt(pipe) if guided else None
         for name in progress(list(class_tokens), len(class_tokens), "token samples"):
             prompt_embeds = sdedit.encode_prompt(pipe, prompts[name]).expand(len(seeds), -1, -1)
-            rows.append(sdedit.txt2img(pipe, noise, prompt_embeds, negative_embeds, samples["steps"], samples["guidance_scale"]))
+            rows.append(sdedit.txt2img(pipe, noise, prompt_embeds, negative_embeds, settings.steps, settings.guidance_scale))
     seconds = time.perf_counter() - started
 
     legend = {
@@ -83,10 +85,10 @@ def render_token_samples(config: dict, tokens_dir: str | Path, out_path: str | P
         "tile_size": resolution,
         "rows": [{"class_name": name, "token": class_tokens[name], "prompt": prompts[name]} for name in class_tokens],
         "column_seeds": seeds,
-        "steps": samples["steps"],
-        "guidance_scale": samples["guidance_scale"],
+        "steps": settings.steps,
+        "guidance_scale": settings.guidance_scale,
         "scheduler": SCHEDULER,
-        "model": model["id"],
+        "model": settings.model_id,
         "tokens_dir": str(tokens_dir),
     }
     with atomic_path(out_path) as tmp:
@@ -94,6 +96,6 @@ def render_token_samples(config: dict, tokens_dir: str | Path, out_path: str | P
     write_json(Path(layout.token_samples_legend(out_path)), legend)
     log.info(
         "rendered %d samples of each of %d tokens (%d steps) in %.1fs -> %s",
-        len(seeds), len(class_tokens), samples["steps"], seconds, out_path,
+        len(seeds), len(class_tokens), settings.steps, seconds, out_path,
     )  # fmt: skip
     return legend

@@ -22,10 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import PipelineError
 from pipeline.io import grant_umask_permissions, read_json, write_json
-from pipeline.layout import class_slug
+from pipeline.layout import EMBEDDINGS_FILE, TOKENS_FILE, class_slug, token_class_dir
 
-EMBEDDINGS_FILE = "learned_embeds.safetensors"
-TOKENS_FILE = "tokens.json"
 
 
 def token_for_class(class_name: str) -> str:
@@ -53,7 +51,7 @@ def write_token_files(out_dir: Path, class_tokens: dict[str, str], vectors: dict
     tensors = {token: vectors[token].detach().to("cpu", torch.float32).contiguous() for token in class_tokens.values()}
     save_file(tensors, str(out_dir / EMBEDDINGS_FILE))
     for token in class_tokens.values():
-        class_dir = out_dir / token.strip("<>")
+        class_dir = Path(token_class_dir(out_dir, token))
         class_dir.mkdir()
         save_file({token: tensors[token]}, str(class_dir / EMBEDDINGS_FILE))
     grant_umask_permissions(out_dir)

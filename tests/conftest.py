@@ -87,3 +87,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class RecordingConfig(dict):
+    """A config that records the dotted path of every key read through it."""
+
+    def __init__(self, data: dict, reads: set, prefix: str = ""):
+        super().__init__(data)
+        self.reads, self.prefix = reads, prefix
+
+    def __getitem__(self, key):
+        path = f"{self.prefix}{key}"
+        self.reads.add(path)
+        value = super().__getitem__(key)
+        return RecordingConfig(value, self.reads, f"{path}.") if isinstance(value, dict) else value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def undeclared_reads(reads: set, *settings_classes) -> set:
+    """The config keys read (leaves only) that none of the settings classes declares as a field."""
+    declared = {path for cls in settings_classes for path in cls.config_keys().values()}
+    leaves = {path for path in reads if not any(other.startswith(path + ".") for other in reads)}
+    assert leaves, "the stage read no config key at all: the recording did not see its reads"
+    # A field may hold a whole section (dataset.demo): reading inside it is declared too.
+    return {path for path in leaves if not any(path == d or path.startswith(d + ".") for d in declared)}

@@ -11,13 +11,15 @@ from torchvision.transforms import v2
 
 from pipeline import PipelineError
 from pipeline.augment import batch_transform, image_transform, parse_method
+from pipeline.settings.train import TrainSettings
 from pipeline.config import validate_config
 
 GENERATION_METHODS = {"dafusion", "real-guidance", "class-agnostic"}
 
 
-def train_options(**overrides) -> dict:
-    return validate_config({"train": overrides})["train"]
+def train_options(**overrides) -> TrainSettings:
+    """The settings of a method with every augmentation, so that none of their parameters is None."""
+    return TrainSettings.from_config(validate_config({"train": overrides}), "randaugment+autoaugment+cutout+mixup+cutmix")
 
 
 @pytest.mark.parametrize(

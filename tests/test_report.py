@@ -144,16 +144,14 @@ def test_inversion_loss_legend_names_classes_until_it_would_not_read(tmp_path, m
 
 def test_strength_table_pools_oracle_scores_over_images_not_subsets(tmp_path):
     """A k = 1 subset with one image at t0 = 0.25 must not weigh as much as a k = 4 one with nine."""
+    from pipeline.records import OracleScores
     from pipeline.report import strength_table
 
-    paths = []
-    for name, n, agreement in (("k1_seed0", 1, 0.0), ("k4_seed0", 9, 1.0)):
-        path = tmp_path / "oracle" / "dafusion" / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+    for k, n, agreement in ((1, 1, 0.0), (4, 9, 1.0)):
         scores = {"n": n, "agreement": agreement, "source_agreement": 1.0, "mean_abs_difference": 0.1 * (1 - agreement)}
-        path.write_text(json.dumps({"real_test_agreement": 0.8, "by_strength": {"0.25": scores}}))
-        paths.append(str(path))
-    html_table = strength_table([], paths)
+        records.append(OracleScores("dafusion", k, 0, 0.8, {"0.25": scores}))
+    html_table = strength_table([], records)
     row = next(line for line in html_table.split("<tr>") if "dafusion" in line)
     cells = [cell.split("</td>")[0] for cell in row.split("<td>")[1:]]
     assert cells[:3] == ["dafusion", "0.25", "10"]

@@ -1,10 +1,23 @@
-"""GenerateSettings: the one key of a generate job (rule params, resume key), built from the config."""
+"""Stage settings (pipeline.settings): the one key of a job (rule params, resume key), built from the config."""
+
+import subprocess
+import sys
+from dataclasses import fields
 
 import pytest
 
 from pipeline import PipelineError, methods
 from pipeline.config import validate_config
-from pipeline.settings import GenerateSettings
+from pipeline.settings.fid import FidFeatureSettings, FidSettings, OracleScoreSettings
+from pipeline.settings.generate import GenerateSettings
+from pipeline.settings.invert import InvertSettings
+from pipeline.settings.prepare import DemoDatasetSettings, FewshotSettings, PrepareSettings, TinyModelSettings
+from pipeline.settings.token_samples import TokenSampleSettings
+from pipeline.settings.train import TrainSettings
+
+# Settings that take nothing from the job; GenerateSettings and TrainSettings take the method.
+PLAIN = [FidFeatureSettings, FidSettings, OracleScoreSettings, InvertSettings, DemoDatasetSettings, FewshotSettings,
+         PrepareSettings, TinyModelSettings, TokenSampleSettings]
 
 
 def key(method: str, **generate) -> dict:
@@ -41,3 +54,59 @@ def test_a_fixed_strength_is_the_methods_own_and_leaves_k_out():
 def test_an_unknown_method_is_named():
     with pytest.raises(PipelineError, match=r"unknown generation method 'txt2vid'\. Expected one of \["):
         GenerateSettings.from_config(validate_config({}), "txt2vid")
+
+
+@pytest.mark.parametrize("settings_class", PLAIN, ids=lambda c: c.__name__)
+def test_the_key_is_every_field_but_how_the_job_runs(settings_class):
+    settings = settings_class.from_config(validate_config({}))  # every field's config key is in the schema
+    how = {f.name for f in fields(settings_class) if f.metadata.get("how")}
+    assert set(settings.key()) == set(settings_class.config_keys()) - how
+    assert "device" not in settings.key()
+
+
+def test_settings_hold_no_list_a_helper_could_change():
+    settings = InvertSettings.from_config(validate_config({"invert": {"templates": ["a {}", "the {}"]}}))
+    assert settings.templates == ("a {}", "the {}") and settings.key()["templates"] == ["a {}", "the {}"]
+
+
+TRAIN_NAMES = ["baseline", "dafusion", "dafusion+synthetic-only", "dafusion+mixup", "mixup", "randaugment"]
+
+
+def train_key(method: str, **train) -> dict:
+    return TrainSettings.from_config(validate_config({"train": train}), method).key()
+
+
+@pytest.mark.parametrize(
+    ("setting", "changes"),
+    [
+        ({"synthetic_probability": 0.3}, {"dafusion", "dafusion+mixup"}),
+        ({"synthetic_proportion": 0.3}, set()),  # probability mode
+        ({"mixing": "proportion"}, set(TRAIN_NAMES) - {"dafusion+synthetic-only"}),  # recorded by real-only runs too
+        ({"mixup_alpha": 0.4}, {"dafusion+mixup", "mixup"}),
+        ({"randaugment": {"num_ops": 3, "magnitude": 9}}, {"randaugment"}),
+        ({"finetune": {"backbone_learning_rate": 0.5}}, set()),  # recipe "paper": the backbone is frozen
+        ({"learning_rate": 0.5}, set(TRAIN_NAMES)),
+    ],
+)
+def test_a_train_setting_is_in_the_key_of_exactly_the_methods_it_can_change(setting, changes):
+    assert {name for name in TRAIN_NAMES if train_key(name, **setting) != train_key(name)} == changes
+
+
+def test_train_epochs_replace_steps_and_speed_settings_stay_out():
+    assert train_key("baseline", epochs=3, steps=5) == train_key("baseline", epochs=3, steps=7)
+    assert train_key("baseline", num_workers=4, inference_batch_size=7) == train_key("baseline")
+    assert train_key("dafusion")["synthetic_method"] == "dafusion" and train_key("baseline")["synthetic_method"] is None
+
+
+def test_bad_two_phase_settings_are_refused_for_every_method():
+    bad = {"mixing": "proportion", "two_phase": {"synthetic_steps": 2, "real_learning_rate_scale": 0.1}}
+    with pytest.raises(PipelineError, match=r"train\.two_phase.*Got train\.mixing: proportion"):
+        train_key("baseline", **bad)
+
+
+def test_the_settings_import_no_torch():
+    """The Snakefile builds every job's settings while it makes the DAG: importing them stays cheap."""
+    code = "import sys, pipeline.settings.fid, pipeline.settings.generate, pipeline.settings.invert, " \
+           "pipeline.settings.prepare, pipeline.settings.token_samples, pipeline.settings.train; " \
+           "print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -22,7 +22,7 @@ from pipeline import device as device_module
 from pipeline.__main__ import main
 from pipeline.config import validate_config
 from pipeline.io import read_metadata
-from pipeline.tokens import EMBEDDINGS_FILE, TOKENS_FILE
+from pipeline.layout import EMBEDDINGS_FILE, TOKENS_FILE
 from test_generate import write_subset
 from test_train import write_digits, write_shard
 from test_train import make_config as train_config

@@ -10,9 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import RecordingConfig, undeclared_reads
+
 from pipeline import PipelineError
 from pipeline.config import validate_config
 from pipeline.layout import token_samples_legend
+from pipeline.settings.token_samples import TokenSampleSettings
 from pipeline.tiny_sd import build_tiny_sd
 from pipeline.token_samples import column_seeds, render_token_samples
 from pipeline.tokens import token_for_class, write_token_files
@@ -99,3 +102,9 @@ def test_bad_inputs(model_dir, tokens_dir, tmp_path):
     with pytest.raises(PipelineError, match="tokens.json"):
         render_token_samples(make_config(model_dir), tmp_path / "no-tokens", tmp_path / "grid.png")
     assert not list(tmp_path.glob("grid*"))
+
+
+def test_the_stage_reads_only_config_keys_its_settings_declare(model_dir, tokens_dir, tmp_path):
+    reads: set[str] = set()
+    render_token_samples(RecordingConfig(make_config(model_dir, per_class=1, steps=1), reads), tokens_dir, tmp_path / "s.png")
+    assert undeclared_reads(reads, TokenSampleSettings) == set()

@@ -17,7 +17,7 @@ from pipeline import PipelineError
 from pipeline.config import validate_config
 from pipeline.datasets import BAD_INPUT, NOT_AN_IMAGE
 from pipeline.datasets.torchvision_sets import FLOWERS_CLASSES, caltech_class_name
-from pipeline.download import MARKER, download_dataset
+from pipeline.download import download_dataset
 from pipeline.io import read_json, read_parquet
 from pipeline.prepare import prepare_dataset
 

@@ -16,21 +16,23 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from conftest import RecordingConfig, undeclared_reads
+
 from pipeline import PipelineError
 from pipeline.config import validate_config
 from pipeline.io import encode_png, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table, read_manifest
-from pipeline import train as train_module
-from pipeline.train import (
+from pipeline import train_fit
+from pipeline.settings.train import TrainSettings
+from pipeline.train import classification_metrics, train_classifier
+from pipeline.train_fit import Loader, standard_view
+from pipeline.train_plan import (
     Mixing,
-    classification_metrics,
     draw_plan,
     draw_proportion_plan,
     draw_views,
     fixed_replacements,
     standard_angles,
-    standard_view,
-    train_classifier,
     training_plan,
     with_schedule,
 )
@@ -169,9 +171,9 @@ def test_draw_views_flip_half_and_pick_angles_uniformly():
 
 
 def test_standard_angles_are_symmetric_and_off_at_zero_degrees():
-    assert standard_angles({"rotation_degrees": 15, "rotation_angles": 5}) == [-15.0, -7.5, 0.0, 7.5, 15.0]
-    assert standard_angles({"rotation_degrees": 0, "rotation_angles": 5}) == [0.0]
-    assert standard_angles({"rotation_degrees": 10, "rotation_angles": 1}) == [0.0]
+    assert standard_angles(15, 5) == [-15.0, -7.5, 0.0, 7.5, 15.0]
+    assert standard_angles(0, 5) == [0.0]
+    assert standard_angles(10, 1) == [0.0]
 
 
 def test_standard_view_mirrors_then_rotates_about_the_centre():
@@ -268,7 +270,7 @@ def test_finetune_recipe_trains_the_whole_network_for_whole_epochs(three_digits,
     config = make_config(recipe="finetune", backbone="resnet18", weights="none", epochs=2, batch_size=4,
                          finetune={"backbone_learning_rate": 1e-3, "head_learning_rate": 1e-2, "momentum": 0.9})
     seen = {}
-    step = train_module.train_step
+    step = train_fit.train_step
 
     def recording_step(forward, optimizer, inputs, targets):
         if not seen:  # the network as it was before the first step, and how the optimizer treats it
@@ -278,7 +280,7 @@ def test_finetune_recipe_trains_the_whole_network_for_whole_epochs(three_digits,
         seen["training"] = forward.backbone.training
         return step(forward, optimizer, inputs, targets)
 
-    monkeypatch.setattr(train_module, "train_step", recording_step)
+    monkeypatch.setattr(train_fit, "train_step", recording_step)
     result = train_classifier(config, subset_path, manifest_path, [], "baseline", 0, tmp_path / "m.json")
 
     n_real = result["n_train_real"]
@@ -295,12 +297,12 @@ def test_finetune_recipe_trains_the_whole_network_for_whole_epochs(three_digits,
 
 
 def test_epochs_set_steps_and_evaluation_from_the_subset_size():
-    options = make_config(epochs=35, batch_size=128)["train"]
-    assert (with_schedule(options, 300)["steps"], with_schedule(options, 300)["eval_every"]) == (105, 3)
-    assert (with_schedule(options, 20)["steps"], with_schedule(options, 20)["eval_every"]) == (35, 1)
-    plain = make_config(steps=7, eval_every=3)["train"]
+    settings = TrainSettings.from_config(make_config(epochs=35, batch_size=128), "dafusion")
+    assert (with_schedule(settings, 300).steps, with_schedule(settings, 300).eval_every) == (105, 3)
+    assert (with_schedule(settings, 20).steps, with_schedule(settings, 20).eval_every) == (35, 1)
+    plain = TrainSettings.from_config(make_config(steps=7, eval_every=3), "dafusion")
     assert with_schedule(plain, 300) is plain
-    too_long = make_config(epochs=2, batch_size=10, two_phase={"synthetic_steps": 6, "real_learning_rate_scale": 0.1})["train"]
+    too_long = TrainSettings.from_config(make_config(epochs=2, batch_size=10, two_phase={"synthetic_steps": 6, "real_learning_rate_scale": 0.1}), "dafusion")
     with pytest.raises(PipelineError, match=r"synthetic_steps: got 6 with 6 steps \(train.epochs 2 x 3"):
         with_schedule(too_long, 25)
 
@@ -400,13 +402,13 @@ def test_two_phase_plan_is_synthetic_then_real():
 def _record_learning_rates(monkeypatch) -> list[list[float]]:
     """Make every training step record the learning rate of each parameter group it runs at."""
     rates: list[list[float]] = []
-    step = train_module.train_step
+    step = train_fit.train_step
 
     def recording_step(forward, optimizer, inputs, targets):
         rates.append([group["lr"] for group in optimizer.param_groups])
         return step(forward, optimizer, inputs, targets)
 
-    monkeypatch.setattr(train_module, "train_step", recording_step)
+    monkeypatch.setattr(train_fit, "train_step", recording_step)
     return rates
 
 
@@ -543,8 +545,7 @@ def test_loader_batches_keep_the_row_order_whatever_the_decode_threads(tmp_path)
         else:
             Image.fromarray(pixels).save(tmp_path / f"{i}.png")
             rows.append({"path": str(tmp_path / f"{i}.png")})
-    options = {"image_size": SIZE, "inference_batch_size": 3}
-    one, three = ([batch for batch in train_module._Loader(options, torch.device("cpu"), threads).batches(rows, "test")]
+    one, three = ([batch for batch in Loader(SIZE, 3, torch.device("cpu"), threads).batches(rows, "test")]
                   for threads in (1, 3))
     assert [batch.shape for batch in one] == [(3, 3, SIZE, SIZE)] * 2 + [(1, 3, SIZE, SIZE)]
     assert [batch.dtype for batch in one] == [torch.uint8] * 3
@@ -554,7 +555,7 @@ def test_loader_batches_keep_the_row_order_whatever_the_decode_threads(tmp_path)
 
 def test_loader_names_a_synthetic_image_it_cannot_decode():
     rows = [{"synthetic_id": "dafusion-x-1", "image": b"\x89PNG broken"}]
-    loader = train_module._Loader({"image_size": SIZE, "inference_batch_size": 4}, torch.device("cpu"), 2)
+    loader = Loader(SIZE, 4, torch.device("cpu"), 2)
     with pytest.raises(PipelineError, match="synthetic image dafusion-x-1: cannot decode"):
         list(loader.batches(rows, "test"))
 
@@ -578,3 +579,12 @@ def test_synthetic_only_needs_one_synthetic_source(name):
 
     with pytest.raises(PipelineError, match="synthetic-only|baseline"):
         parse_method(name, {"dafusion"})
+
+
+@pytest.mark.parametrize("method", ["baseline", "dafusion+mixup"])
+def test_the_stage_reads_only_config_keys_its_settings_declare(three_digits, tmp_path, method):
+    subset_path, manifest_path, _, shard = three_digits
+    reads: set[str] = set()
+    config = RecordingConfig(make_config(steps=2, eval_every=1), reads)
+    train_classifier(config, subset_path, manifest_path, [] if method == "baseline" else [shard], method, 0, tmp_path / "m.json")
+    assert undeclared_reads(reads, TrainSettings) == set()

@@ -15,7 +15,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 from conftest import tiny_config
@@ -150,6 +149,17 @@ def test_end_to_end_run_and_cache(project):
     project.write_config(config)
     assert project.planned_jobs() == {}
 
+    # A setting reruns only the methods that read it: neither baseline nor dafusion mixes up.
+    config["train"]["mixup_alpha"] = 0.4
+    project.write_config(config)
+    assert project.planned_jobs() == {}
+    # A new training method adds its jobs and reruns no existing one but the report.
+    config["train"]["methods"] = ["baseline", "dafusion", "randaugment"]
+    project.write_config(config)
+    jobs = project.planned_jobs()
+    assert (jobs.pop("train"), jobs.pop("report")) == (1, 1) and set(jobs) <= {"all"}, jobs
+    config["train"]["methods"] = ["baseline", "dafusion"]
+
     # Jobs given more threads compute on the same pinned count (cpu_threads): nothing to redo.
     assert project.planned_jobs("--set-threads", "generate=2", "invert=2", "train=2") == {}
     # Another pinned count moves the last bits of what the pinned stages make, so they rerun.
@@ -171,6 +181,12 @@ def test_end_to_end_run_and_cache(project):
     report_py.write_text(report_py.read_text() + "\n# an edit\n")
     jobs = project.planned_jobs()
     assert jobs.pop("report") == 1 and set(jobs) <= {"all"}, jobs
+
+    # A stage's settings are its own module: editing the train settings reruns training alone.
+    train_settings = project.root / "pipeline" / "settings" / "train.py"
+    train_settings.write_text(train_settings.read_text() + "\n# an edit\n")
+    jobs = project.planned_jobs()
+    assert jobs.pop("train") == 2 and set(jobs) <= {"report", "all"}, jobs
 
     # Editing a pipeline module reruns the stages that import it.
     generate_py = project.root / "pipeline" / "generate.py"

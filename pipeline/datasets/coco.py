@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -30,6 +30,9 @@ from pipeline.datasets import (
     left_out,
     write_packed_mask,
 )
+
+if TYPE_CHECKING:
+    from pipeline.settings.prepare import PrepareSettings
 
 # split -> (annotation file, image folder, source split for prepare), relative to the dataset root.
 SPLIT_FILES = {
@@ -55,7 +58,7 @@ class CocoImage(NamedTuple):
     instances: tuple[Instance, ...]
 
 
-def read_coco(root: Path, dataset_cfg: dict) -> Source:
+def read_coco(root: Path, settings: PrepareSettings) -> Source:
     """Both official splits of the COCO dataset at `root`: one job per listed image."""
     classes: list[str] | None = None
     jobs: list[CocoImage] = []

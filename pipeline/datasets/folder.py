@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -35,6 +35,9 @@ from pipeline.datasets import (
 )
 from pipeline.io import open_image
 
+if TYPE_CHECKING:
+    from pipeline.settings.prepare import PrepareSettings
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MASK_FOLDER = "masks"
 CSV_SPLITS = ("train", "val", "test")
@@ -48,9 +51,9 @@ class FolderImage(NamedTuple):
     mask_path: str | None  # relative to the dataset root
 
 
-def read_folder(root: Path, dataset_cfg: dict) -> Source:
-    if dataset_cfg.get("csv"):
-        return read_csv_listing(root, root / dataset_cfg["csv"])
+def read_folder(root: Path, settings: PrepareSettings) -> Source:
+    if settings.csv:
+        return read_csv_listing(root, root / settings.csv)
     return read_class_folders(root)
 
 

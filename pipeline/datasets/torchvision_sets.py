@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -32,6 +32,9 @@ from PIL import Image, ImageDraw
 from pipeline import PipelineError
 from pipeline.datasets import BAD_INPUT, NOT_AN_IMAGE, OTHER_CLASS, LabelContext, Labelled, Source, left_out, write_mask
 from pipeline.io import open_image
+
+if TYPE_CHECKING:
+    from pipeline.settings.prepare import PrepareSettings
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ def caltech_class_name(folder: str) -> str:
     return folder.lower().replace("_", " ")
 
 
-def read_caltech101(root: Path, dataset_cfg: dict) -> Source:
+def read_caltech101(root: Path, settings: PrepareSettings) -> Source:
     """One job per image_*.jpg of each category folder; other files are listed as left out."""
     base = dataset_folder(root, CALTECH_FOLDER, CALTECH_IMAGES)
     image_dir, annotation_dir = base / CALTECH_IMAGES, base / CALTECH_ANNOTATIONS
@@ -164,7 +167,7 @@ def outline_mask(annotation_path: Path, width: int, height: int) -> np.ndarray:
 # --- Flowers-102 --------------------------------------------------------------------------------
 
 
-def read_flowers102(root: Path, dataset_cfg: dict) -> Source:
+def read_flowers102(root: Path, settings: PrepareSettings) -> Source:
     """One job per image listed in setid.mat, labelled by imagelabels.mat."""
     from scipy.io import loadmat
 

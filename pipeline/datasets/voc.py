@@ -12,7 +12,7 @@ without a border.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from pipeline.datasets import (
     write_mask,
 )
 from pipeline.io import open_image
+
+if TYPE_CHECKING:
+    from pipeline.settings.prepare import PrepareSettings
 
 CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -58,7 +61,7 @@ def find_voc_root(root: Path) -> Path:
     )
 
 
-def read_voc(root: Path, dataset_cfg: dict) -> Source:
+def read_voc(root: Path, settings: PrepareSettings) -> Source:
     """One job per image listed in ImageSets/Segmentation/{train,val}.txt."""
     for folder in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):
         if not (root / folder).is_dir():

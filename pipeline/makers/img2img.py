@@ -26,7 +26,7 @@ from pipeline import PipelineError, sdedit
 from pipeline.generate_plan import WorkItem, lowest_strength
 from pipeline.io import open_image
 from pipeline.methods import Method
-from pipeline.settings import GenerateSettings
+from pipeline.settings.generate import GenerateSettings
 
 
 def object_region(mask_path: str, image_id: str, size: tuple[int, int], dilation: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline import PipelineError, sdedit
 from pipeline.generate_plan import WorkItem
 from pipeline.methods import Method
-from pipeline.settings import GenerateSettings
+from pipeline.settings.generate import GenerateSettings
 
 
 class Txt2ImgMaker:

@@ -30,7 +30,12 @@ from pipeline.augment import parse_method
 from pipeline.checkpoint import check_corpus_disjoint, is_local, model_files, verify_if_local
 from pipeline.config import stable_json, validate_config
 from pipeline.hashing import code_hash, value_hash
-from pipeline.settings import GenerateSettings
+from pipeline.settings.fid import FidFeatureSettings, FidSettings, OracleScoreSettings
+from pipeline.settings.generate import GenerateSettings
+from pipeline.settings.invert import InvertSettings
+from pipeline.settings.prepare import DemoDatasetSettings, FewshotSettings, PrepareSettings, TinyModelSettings
+from pipeline.settings.token_samples import TokenSampleSettings
+from pipeline.settings.train import TrainSettings
 
 try:
     validate_config(config)
@@ -78,36 +83,45 @@ def check_config():
         fail(f"fid.oracle: the oracle classifies the demo's digit scenes only; dataset.name is {dataset['name']!r}. Expected fid.oracle: null")
     for name in TRAIN_METHODS:
         try:
-            synthetic, _ = parse_method(name, set(GENERATE_METHODS))
+            parse_method(name, set(GENERATE_METHODS))
         except PipelineError as exc:
             fail(f"train.methods: {exc}")
+        try:
+            TrainSettings.from_config(config, name)
+        except PipelineError as exc:
+            fail(str(exc))
 
 
 check_config()
 
 
-def stage_params(module, *keys, drop=()):
-    """params for a rule: the config values that can change its output, and the code it runs.
+def settings_params(settings_class, module, *job_wildcards):
+    """A rule's params: the key of its job's settings (pipeline.settings), which is every config value
+    that can change the job's output, and the hash of the code the job runs (`module`'s closure).
 
-    `keys` are dotted config paths ("generate", "model.resolution"); `drop` removes dotted paths
-    that do not change the output (e.g. batch sizes: generation is batch-size independent).
+    `job_wildcards` name the wildcards the settings take from the job (e.g. "method"); without any,
+    every job of the rule has the same settings.
     """
+    if not job_wildcards:
+        return {"cfg": stable_json(settings_class.from_config(config).key()), "code": code_hash(module)}
+
+    def key(wildcards):
+        job = {name: wildcards[name] for name in job_wildcards}
+        return stable_json(settings_class.from_config(config, **job).key())
+
+    return {"cfg": key, "code": code_hash(module)}
+
+
+def stage_params(module, *keys):
+    """params for a rule without a settings object (the report): the config values at the dotted
+    paths `keys`, and the code it runs."""
     picked = {}
     for key in keys:
         value = config
         for part in key.split("."):
             value = value[part]
         picked[key] = value
-    picked = yaml.safe_load(stable_json(picked))  # deep copy
-    for key in drop:
-        head, _, leaf = key.rpartition(".")
-        picked.get(head, {}).pop(leaf, None)
     return {"cfg": stable_json(picked), "code": code_hash(module)}
-
-
-def generate_settings_key(wildcards):
-    """A generate job's params: the key of its method's settings (pipeline.settings), what can change its shards."""
-    return stable_json(GenerateSettings.from_config(config, wildcards.method).key())
 
 
 def resolved_config_file():

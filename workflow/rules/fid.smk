@@ -7,7 +7,7 @@ rule fid_real_features:
     output:
         layout.real_features(R, "{split}"),
     params:
-        **stage_params("pipeline.fid", "fid", drop=["fid.batch_size", "fid.kid_subsets", "fid.kid_subset_size"]),
+        **settings_params(FidFeatureSettings, "pipeline.fid"),
     log:
         log_path("fid_real_features", "{split}"),
     benchmark:
@@ -28,7 +28,7 @@ rule fid:
     output:
         layout.fid(R, "{method}", "{k}", "{seed}"),
     params:
-        **stage_params("pipeline.fid", "fid", "seed", drop=["fid.batch_size"]),
+        **settings_params(FidSettings, "pipeline.fid"),
     log:
         log_path("fid", f"{{method}}/{SUBSET}"),
     benchmark:
@@ -49,7 +49,7 @@ rule oracle_scores:
     output:
         layout.oracle_scores(R, "{method}", "{k}", "{seed}"),
     params:
-        **stage_params("pipeline.oracle", "fid.oracle"),
+        **settings_params(OracleScoreSettings, "pipeline.oracle"),
     log:
         log_path("oracle_scores", f"{{method}}/{SUBSET}"),
     threads: 1

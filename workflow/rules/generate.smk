@@ -9,11 +9,8 @@ rule generate:
     output:
         layout.shard(R, "{method}", "{k}", "{seed}", "{shard}", "{total}"),
     params:
-        # From the method's GenerateSettings: batch size, flush interval and device are left out (seeds,
-        # strengths and prompts do not depend on them, nor pixels on CPU; on GPU a level or two, as
-        # kernels sum in batch-dependent orders), so changing them reruns nothing.
-        cfg=generate_settings_key,
-        code=code_hash("pipeline.generate"),
+        # The method's GenerateSettings: batch size, flush interval and device are not in its key.
+        **settings_params(GenerateSettings, "pipeline.generate", "method"),
         tokens=tokens_arg,  # "--tokens <quoted path>" or nothing, so used as {params.tokens} without :q
     log:
         log_path("generate", f"{{method}}/{SUBSET}/shard-{{shard}}-of-{{total}}"),

@@ -19,14 +19,7 @@
 
 # Changing the sample settings re-renders samples, never re-learns tokens.
 # A resumed run ends bitwise equal to an uninterrupted one: checkpointing changes no result either.
-INVERT_PARAMS = stage_params(
-    "pipeline.invert",
-    "model",
-    "invert",
-    "seed",
-    "cpu_threads",
-    drop=["model.build_tiny", "invert.checkpoint_every", "invert.samples"],
-)
+INVERT_PARAMS = settings_params(InvertSettings, "pipeline.invert")
 
 
 if config["invert"]["mode"] == "joint":
@@ -55,7 +48,7 @@ else:
         input:
             model_input(),
             subset=layout.subset(R, "{k}", "{seed}"),
-            classes=f"{R}/prepare/classes.json",
+            classes=layout.prepared(R, layout.CLASSES_FILE),
         output:
             directory(class_tokens_dir(R, "{k}", "{seed}", "{class_index}")),
         wildcard_constraints:
@@ -80,7 +73,7 @@ else:
         output:
             directory(layout.tokens(R, "{k}", "{seed}")),
         params:
-            **stage_params("pipeline.invert"),
+            code=code_hash("pipeline.invert"),
         log:
             log_path("merge_tokens", SUBSET),
         threads: 1
@@ -96,7 +89,7 @@ rule token_samples:
         grid=layout.token_samples(R, "{k}", "{seed}"),
         legend=layout.token_samples_legend(layout.token_samples(R, "{k}", "{seed}")),
     params:
-        **stage_params("pipeline.token_samples", "model", "invert.samples", "seed", "cpu_threads", drop=["model.build_tiny"]),
+        **settings_params(TokenSampleSettings, "pipeline.token_samples"),
     log:
         log_path("token_samples", SUBSET),
     benchmark:

@@ -7,7 +7,7 @@ if config["model"]["build_tiny"]:
         output:
             directory(config["model"]["id"]),
         params:
-            **stage_params("pipeline.tiny_sd", "model.resolution", "seed"),
+            **settings_params(TinyModelSettings, "pipeline.tiny_sd"),
         log:
             log_path("build_tiny_model", "model"),
         benchmark:
@@ -23,7 +23,7 @@ if config["dataset"]["name"] == "demo":
         output:
             directory(config["dataset"]["root"]),
         params:
-            **stage_params("pipeline.demo", "dataset.demo", "seed"),
+            **settings_params(DemoDatasetSettings, "pipeline.demo"),
         log:
             log_path("build_demo_dataset", "demo"),
         benchmark:
@@ -38,16 +38,11 @@ checkpoint prepare:
         [config["dataset"]["root"]] if config["dataset"]["name"] == "demo" else download_marker(),
     output:
         manifest=layout.manifest(R),
-        classes=f"{R}/prepare/classes.json",
-        stats=f"{R}/prepare/stats.json",
-        masks=directory(f"{R}/prepare/masks"),
+        classes=layout.prepared(R, layout.CLASSES_FILE),
+        stats=layout.prepared(R, layout.STATS_FILE),
+        masks=directory(layout.prepared(R, layout.MASKS_DIR)),
     params:
-        **stage_params(
-            "pipeline.prepare",
-            "dataset",
-            "seed",
-            drop=["dataset.examples_per_class", "dataset.trial_seeds", "dataset.allow_fewer", "dataset.demo", "dataset.download"],
-        ),
+        **settings_params(PrepareSettings, "pipeline.prepare"),
         out=out_dir,
         listing=dataset_listing,
     log:
@@ -65,7 +60,7 @@ rule fewshot:
     output:
         layout.subset(R, "{k}", "{seed}"),
     params:
-        **stage_params("pipeline.fewshot", "dataset.allow_fewer", "seed"),
+        **settings_params(FewshotSettings, "pipeline.fewshot"),
     log:
         log_path("fewshot", SUBSET),
     threads: 1

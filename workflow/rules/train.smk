@@ -9,16 +9,8 @@ rule train:
     output:
         layout.metrics(R, "{method}", "{k}", "{seed}"),
     params:
-        # num_workers and inference_batch_size change speed, not results.
-        **stage_params(
-            "pipeline.train",
-            "train",
-            "dataset.name",
-            "generate.methods",
-            "seed",
-            "cpu_threads",
-            drop=["train.methods", "train.num_workers", "train.inference_batch_size"],
-        ),
+        # The method's TrainSettings: num_workers, inference_batch_size and device are not in its key.
+        **settings_params(TrainSettings, "pipeline.train", "method"),
     log:
         log_path("train", f"{{method}}/{SUBSET}"),
     benchmark:
