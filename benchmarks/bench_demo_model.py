@@ -1,7 +1,7 @@
 """What the demo model (models/demo-sd) has learned, measured with the oracle (models/oracle).
 
     snakemake --cores all                         # the embedded default run, whose outputs this reads
-    python benchmarks/bench_demo_model.py [--results results] [--samples 16] [--steps 10 20 50]
+    python benchmarks/bench_demo_model.py [--samples 16] [--steps 10 20 50] [--sections real strengths ...]
 
 Prints Markdown tables for BENCHMARKS.md ("The demo model"):
   * the VAE round trip on the demo's held-out val/test scenes (PSNR), and the oracle on the real
@@ -15,6 +15,8 @@ Prints Markdown tables for BENCHMARKS.md ("The demo model"):
   * text-to-image samples of every learned token of the k = 4 subsets ("a photo of a <token>"),
     the share the oracle assigns to the token's class, for the classes the model can name and for
     those it cannot, beside the class-name prompt and the generic "a photo of a digit";
+  * the same shares per prompt form (with a colour word, as every pretraining caption has one) and
+    guidance scale: whether the prompt or the model is what keeps text-to-image near chance;
   * quality per UNet call: FID/KID of DA-Fusion images of one k = 4 subset at each scheduler and
     step count (generate.scheduler x num_inference_steps), and the cheapest within 5% of the best;
   * the Classification Accuracy Score (train.methods `<source>+synthetic-only`) beside accuracy.
@@ -40,6 +42,7 @@ from pipeline.demo import CLASS_NAMES
 from pipeline.io import open_image, read_json
 from pipeline.manifest import read_manifest
 from pipeline.oracle import load_oracle, predict
+from pipeline.records import OracleScores
 
 
 def vae_psnr(model_dir: str, images: list[Image.Image], batch_size: int = 32) -> float:
@@ -59,7 +62,7 @@ def vae_psnr(model_dir: str, images: list[Image.Image], batch_size: int = 32) ->
 def strength_rows(results: str, config: dict) -> list[str]:
     from pipeline.report import pool_oracle_scores
 
-    oracle = pool_oracle_scores([read_json(layout.oracle_scores(results, "dafusion", k, seed)) for k, seed in layout.subsets_in(config)])
+    oracle = pool_oracle_scores([OracleScores.read(layout.oracle_scores(results, "dafusion", k, seed), "dafusion", k, seed) for k, seed in layout.subsets_in(config)])
     fid: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for k, seed in layout.subsets_in(config):
         for t0, v in read_json(layout.fid(results, "dafusion", k, seed))["by_strength"].items():
@@ -111,6 +114,40 @@ def token_sample_rows(results: str, config: dict, oracle, samples: int, named: l
     for group, members in (("named", [n for n in CLASS_NAMES if n in named]), ("unnamed", [n for n in CLASS_NAMES if n not in named])):
         mean = lambda key: 100 * np.mean([np.mean(shares[n][key]) for n in members])
         rows.append(f"| **{group} (mean)** | | **{mean('token'):.0f}%** | {mean('name'):.0f}% | {mean('digit'):.0f}% |")
+    return rows
+
+
+def prompt_form_rows(results: str, config: dict, oracle, samples: int, named: list[str]) -> list[str]:
+    """Whether a prompt closer to the captions (a colour word) or another guidance scale makes the
+    model draw the class: oracle share of text-to-image samples of the class name and of the first
+    k=4 subset's token, with and without "red", at guidance 3, 7.5 and 12 (DPM-Solver++, 20 steps)."""
+    from diffusers import StableDiffusionPipeline
+
+    from pipeline import sdedit
+    from pipeline.tokens import add_tokens_to_pipeline
+
+    k, trial_seed = max(config["dataset"]["examples_per_class"]), config["dataset"]["trial_seeds"][0]
+    img2img = sdedit.load_img2img(config["model"]["id"], torch.device("cpu"), torch.float32, scheduler="dpm-solver++")
+    pipe = StableDiffusionPipeline(**img2img.components)
+    pipe.set_progress_bar_config(disable=True)
+    class_tokens = add_tokens_to_pipeline(pipe, layout.tokens(results, k, trial_seed), list(CLASS_NAMES))
+    resolution = config["model"]["resolution"]
+    forms = {"class name": "a photo of a {name}", "red class name": "a photo of a red {name}",
+             "token": "a photo of a {token}", "red token": "a photo of a red {token}"}
+    rows = ["| guidance | " + " | ".join(f"{form}: named / unnamed" for form in forms) + " |", "|---:|" + "---:|" * len(forms)]
+    for guidance in (3.0, 7.5, 12.0):
+        cells = []
+        for template in forms.values():
+            shares = {}
+            for label, name in enumerate(CLASS_NAMES):
+                prompt = template.format(name=name, token=class_tokens[name])
+                images = pipe(prompt=[prompt] * samples, height=resolution, width=resolution, num_inference_steps=20, guidance_scale=guidance,
+                              generator=[torch.Generator().manual_seed(7000 + i) for i in range(samples)]).images
+                shares[name] = float(np.mean(predict(oracle, images) == label))
+            named_share = np.mean([v for n, v in shares.items() if n in named])
+            unnamed_share = np.mean([v for n, v in shares.items() if n not in named])
+            cells.append(f"{100 * named_share:.0f}% / {100 * unnamed_share:.0f}%")
+        rows.append(f"| {guidance} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -179,32 +216,44 @@ def cas_rows(results: str, config: dict) -> list[str]:
     return rows
 
 
+SECTIONS = ["real", "strengths", "fixed-t0", "tokens", "prompt-forms", "cas", "schedulers"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="config.yaml")
     parser.add_argument("--samples", type=int, default=16, help="text-to-image samples per class and prompt")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50], help="step counts of the scheduler study")
-    parser.add_argument("--skip-schedulers", action="store_true")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="which tables to print (the scheduler study alone takes about 20 min on 2 cores)")
     args = parser.parse_args()
+    wanted = set(args.sections)
     config = load_config(args.config)
     results = config["results"]
     print(f"# bench_demo_model: {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
 
-    rows, _ = read_manifest(layout.manifest(results))
-    held_out = [r for r in rows if r["split"] in ("val", "test")]
-    oracle = load_oracle(config["fid"]["oracle"])
-    test = [r for r in rows if r["split"] == "test"]
-    real_agreement = float(np.mean(predict(oracle, [open_image(r["path"]) for r in test]) == np.array([r["label"] for r in test])))
-    print(f"VAE round trip on {len(held_out)} held-out demo scenes: PSNR {vae_psnr(config['model']['id'], [open_image(r['path']) for r in held_out]):.2f} dB")
-    print(f"Oracle on the {len(test)} real test scenes: {100 * real_agreement:.1f}% agreement with the label\n")
-    print("\n".join(strength_rows(results, config)) + "\n")
-    print("\n".join(fixed_t0_rows(results, config)) + "\n")
-    named = read_json(Path(config["model"]["id"]) / "demo_model.json")["named_classes"]
-    print("\n".join(token_sample_rows(results, config, oracle, args.samples, named)) + "\n")
-    print("\n".join(cas_rows(results, config)) + "\n")
-    if not args.skip_schedulers:
+    if "real" in wanted:
+        rows, _ = read_manifest(layout.manifest(results))
+        held_out = [r for r in rows if r["split"] in ("val", "test")]
+        test = [r for r in rows if r["split"] == "test"]
+        oracle = load_oracle(config["fid"]["oracle"])
+        real_agreement = float(np.mean(predict(oracle, [open_image(r["path"]) for r in test]) == np.array([r["label"] for r in test])))
+        print(f"VAE round trip on {len(held_out)} held-out demo scenes: PSNR {vae_psnr(config['model']['id'], [open_image(r['path']) for r in held_out]):.2f} dB")
+        print(f"Oracle on the {len(test)} real test scenes: {100 * real_agreement:.1f}% agreement with the label\n")
+    if "strengths" in wanted:
+        print("\n".join(strength_rows(results, config)) + "\n")
+    if "fixed-t0" in wanted:
+        print("\n".join(fixed_t0_rows(results, config)) + "\n")
+    if "tokens" in wanted:
+        named = read_json(Path(config["model"]["id"]) / "demo_model.json")["named_classes"]
+        print("\n".join(token_sample_rows(results, config, load_oracle(config["fid"]["oracle"]), args.samples, named)) + "\n")
+    if "prompt-forms" in wanted:
+        named = read_json(Path(config["model"]["id"]) / "demo_model.json")["named_classes"]
+        print("\n".join(prompt_form_rows(results, config, load_oracle(config["fid"]["oracle"]), args.samples, named)) + "\n")
+    if "cas" in wanted:
+        print("\n".join(cas_rows(results, config)) + "\n")
+    if "schedulers" in wanted:
         print("\n".join(scheduler_rows(results, config, args.steps)) + "\n")
-
 
 if __name__ == "__main__":
     main()
