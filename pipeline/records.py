@@ -1,8 +1,8 @@
 """Typed records of the per-subset results the report reads: training metrics, FID/KID, oracle scores.
 
 Each record knows which method, examples per class and trial seed it belongs to from the run's plan
-(`read_results` walks the config's methods and subsets and asks `pipeline.layout` for the paths),
-never from parsing a file name. Torch-free.
+(`read_results` walks the report settings' methods and subsets and asks `pipeline.layout` for the
+paths), never from parsing a file name. Torch-free.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pipeline import layout
 from pipeline.io import read_json
+from pipeline.settings.report import ReportSettings
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,11 @@ class Results:
     oracle: list[OracleScores]
 
 
-def read_results(config: dict) -> Results:
-    """Every metrics, FID and oracle record a complete run of `config` has written."""
-    results, pairs = config["results"], layout.subsets_in(config)
-    generation = config["generate"]["methods"]
+def read_results(settings: ReportSettings) -> Results:
+    """Every metrics, FID and oracle record a complete run has written."""
+    results, pairs, generation = settings.results, settings.subsets, settings.generate_methods
     return Results(
-        metrics=[Metrics.read(layout.metrics(results, m, k, s), m, k, s) for m in config["train"]["methods"] for k, s in pairs],
+        metrics=[Metrics.read(layout.metrics(results, m, k, s), m, k, s) for m in settings.train_methods for k, s in pairs],
         fid=[Fid.read(layout.fid(results, m, k, s), m, k, s) for m in generation for k, s in pairs],
-        oracle=[OracleScores.read(layout.oracle_scores(results, m, k, s), m, k, s) for m in generation for k, s in pairs] if config["fid"]["oracle"] else [],
+        oracle=[OracleScores.read(layout.oracle_scores(results, m, k, s), m, k, s) for m in generation for k, s in pairs] if settings.oracle else [],
     )

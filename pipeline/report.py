@@ -22,7 +22,9 @@ from pipeline import PipelineError, layout
 from pipeline.augment import parse_method
 from pipeline.io import atomic_path, decode_image, read_json
 from pipeline.manifest import read_manifest, read_shards
+from pipeline.methods import needing
 from pipeline.records import Fid, Metrics, OracleScores, read_results
+from pipeline.settings.report import ReportSettings
 
 log = logging.getLogger(__name__)
 
@@ -293,18 +295,18 @@ def accuracy_table(agg: dict, methods: list[str], ks: list[int], baseline: str |
     return _table(header, rows)
 
 
-def model_banner(config: dict) -> str:
+def model_banner(settings: ReportSettings) -> str:
     """What the diffusion model of this run is, when it is not a real Stable Diffusion checkpoint."""
     from pipeline.checkpoint import INFO_FILE, is_local
 
-    if config["model"]["build_tiny"]:
+    if settings.build_tiny:
         return (
             "This run uses a tiny, <b>randomly initialised</b> Stable Diffusion built offline: its synthetic images are "
             "noise, so accuracy differences here test the machinery, not DA-Fusion. Use a real checkpoint "
             "(config/coco.yaml, config/pascal.yaml) for meaningful numbers."
         )
-    info_path = Path(config["model"]["id"]) / INFO_FILE
-    if not (is_local(config["model"]["id"]) and info_path.is_file()):
+    info_path = Path(settings.model_id) / INFO_FILE
+    if not (is_local(settings.model_id) and info_path.is_file()):
         return ""
     named = read_json(info_path).get("named_classes", [])
     return (
@@ -371,19 +373,20 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 
 
 def build_report(config: dict, out_dir: str | Path) -> dict:
-    """Read every result the config asks for and write summary.csv, summary_by_method.csv, index.html."""
+    """Read every result the config asks for and write summary.csv, summary_by_method.csv, index.html.
+    The only reader of `config`: the rest gets the stage's ReportSettings."""
+    settings = ReportSettings.from_config(config)
     out_dir = Path(out_dir)
-    results = config["results"]
-    expected = layout.expected_outputs(config)
-    recorded = read_results(config)
+    results = settings.results
+    recorded = read_results(settings)
     metrics, fids = recorded.metrics, recorded.fid
     rows = summary_rows(metrics)
     agg = aggregate(rows, "accuracy")
     agg_mca = aggregate(rows, "mean_class_accuracy")
-    methods = list(config["train"]["methods"])
-    ks = sorted(set(config["dataset"]["examples_per_class"]))
+    methods = list(settings.train_methods)
+    ks = sorted(set(settings.examples_per_class))
     baseline = "baseline" if "baseline" in methods else None
-    dataset = config["dataset"]["name"]
+    dataset = settings.dataset
     manifest_rows, manifest_meta = read_manifest(layout.manifest(results))
     classes = manifest_meta["classes"]
 
@@ -402,10 +405,10 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     sections = [f"<h1>DA-Fusion results: {html.escape(dataset)}</h1>"]
     sections.append(
         f'<p class="muted">{len(metrics)} training runs · methods: {html.escape(", ".join(methods))} · '
-        f"examples per class: {', '.join(map(str, ks))} · trial seeds: {', '.join(map(str, config['dataset']['trial_seeds']))} · "
-        f"model: {html.escape(config['model']['id'])} · backbone: {html.escape(config['train']['backbone'])}</p>"
+        f"examples per class: {', '.join(map(str, ks))} · trial seeds: {', '.join(map(str, settings.trial_seeds))} · "
+        f"model: {html.escape(settings.model_id)} · backbone: {html.escape(settings.backbone)}</p>"
     )
-    banner = model_banner(config)
+    banner = model_banner(settings)
     if banner:
         sections.append(f'<p class="note">{banner}</p>')
     sections.append("<h2>Test accuracy (%)</h2>")
@@ -470,8 +473,8 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
         )
         sections.append(strength_table(fids, recorded.oracle))
 
-    if expected["tokens"]:
-        loss_files = {layout.subset_name(k, s): Path(layout.tokens(results, k, s)) / layout.LOSS_FILE for k, s in layout.subsets_in(config)}
+    if needing("tokens", settings.generate_methods):
+        loss_files = {layout.subset_name(k, s): Path(layout.tokens(results, k, s)) / layout.LOSS_FILE for k, s in settings.subsets}
         sections.append("<h2>Textual inversion: did the tokens learn?</h2>")
         sections.append(
             '<p class="muted">Training loss of the learned class tokens (moving average over a tenth of the run). '
@@ -480,7 +483,7 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
         sections.append(f'<img alt="textual inversion loss" src="{inversion_loss_plot(loss_files)}">')
         # The first trial's smallest and largest k: enough to see whether tokens learned, without
         # embedding every subset's grid.
-        first_seed = config["dataset"]["trial_seeds"][0]
+        first_seed = settings.trial_seeds[0]
         shown = sorted({(ks[0], first_seed), (ks[-1], first_seed)})
         sections.append(
             '<p class="muted">Text-to-image samples of each learned token ("a photo of a &lt;token&gt;", a few '
@@ -493,10 +496,10 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
             sections.append(f'<img alt="samples of the learned tokens, {html.escape(layout.subset_name(k, seed))}" src="{uri}">')
 
     by_id = {row["image_id"]: row for row in manifest_rows}
-    k0, s0 = layout.subsets_in(config)[0]
-    for method in config["generate"]["methods"]:
-        shard_rows = read_shards(layout.shards(results, method, k0, s0, config["generate"]["num_shards"]))
-        uri = image_grid(by_id, shard_rows, config["report"]["grid_images"])
+    k0, s0 = settings.subsets[0]
+    for method in settings.generate_methods:
+        shard_rows = read_shards(layout.shards(results, method, k0, s0, settings.num_shards))
+        uri = image_grid(by_id, shard_rows, settings.grid_images)
         if uri:
             sections.append(f"<h2>Real vs synthetic: {html.escape(method)} ({layout.subset_name(k0, s0)})</h2>")
             sections.append('<p class="muted">Each row: a real training image, then its synthetic versions by increasing SDEdit strength t0.</p>')

@@ -9,11 +9,14 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from conftest import RecordingConfig, undeclared_reads
+
 from pipeline import layout
 from pipeline.config import validate_config
 from pipeline.io import encode_png, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table
 from pipeline.report import aggregate, build_report, confidence_interval_68
+from pipeline.settings.report import ReportSettings
 
 
 def test_confidence_interval_matches_student_t():
@@ -156,3 +159,9 @@ def test_strength_table_pools_oracle_scores_over_images_not_subsets(tmp_path):
     cells = [cell.split("</td>")[0] for cell in row.split("<td>")[1:]]
     assert cells[:3] == ["dafusion", "0.25", "10"]
     assert cells[5:] == ["90.0", "100.0", "0.010"], cells
+
+
+def test_the_stage_reads_only_config_keys_its_settings_declare(fake_results, tmp_path):
+    reads: set[str] = set()
+    build_report(RecordingConfig(fake_results, reads), tmp_path / "report")
+    assert undeclared_reads(reads, ReportSettings) == set()

@@ -12,12 +12,13 @@ from pipeline.settings.fid import FidFeatureSettings, FidSettings, OracleScoreSe
 from pipeline.settings.generate import GenerateSettings
 from pipeline.settings.invert import InvertSettings
 from pipeline.settings.prepare import DemoDatasetSettings, FewshotSettings, PrepareSettings, TinyModelSettings
+from pipeline.settings.report import ReportSettings
 from pipeline.settings.token_samples import TokenSampleSettings
 from pipeline.settings.train import TrainSettings
 
 # Settings that take nothing from the job; GenerateSettings and TrainSettings take the method.
 PLAIN = [FidFeatureSettings, FidSettings, OracleScoreSettings, InvertSettings, DemoDatasetSettings, FewshotSettings,
-         PrepareSettings, TinyModelSettings, TokenSampleSettings]
+         PrepareSettings, ReportSettings, TinyModelSettings, TokenSampleSettings]
 
 
 def key(method: str, **generate) -> dict:
@@ -107,6 +108,6 @@ def test_bad_two_phase_settings_are_refused_for_every_method():
 def test_the_settings_import_no_torch():
     """The Snakefile builds every job's settings while it makes the DAG: importing them stays cheap."""
     code = "import sys, pipeline.settings.fid, pipeline.settings.generate, pipeline.settings.invert, " \
-           "pipeline.settings.prepare, pipeline.settings.token_samples, pipeline.settings.train; " \
+           "pipeline.settings.prepare, pipeline.settings.report, pipeline.settings.token_samples, pipeline.settings.train; " \
            "print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -1,8 +1,9 @@
-# Helpers shared by the rules: paths, per-stage params (config sub-tree + source hash), checks.
+# Helpers shared by the rules: paths, per-stage params (settings key + source hash), checks.
 #
 # Caching users can trust: Snakemake reruns a job when its params change, but it cannot see edits
 # inside the imported `pipeline` package. So every rule's params carry exactly the config values that
-# can change its output (`cfg`) and a hash of the pipeline source it runs (`code`).
+# can change its output (`cfg`, the key of the stage's settings object, pipeline/settings/) and a
+# hash of the pipeline source it runs (`code`).
 
 import json
 import os
@@ -34,6 +35,7 @@ from pipeline.settings.fid import FidFeatureSettings, FidSettings, OracleScoreSe
 from pipeline.settings.generate import GenerateSettings
 from pipeline.settings.invert import InvertSettings
 from pipeline.settings.prepare import DemoDatasetSettings, FewshotSettings, PrepareSettings, TinyModelSettings
+from pipeline.settings.report import ReportSettings
 from pipeline.settings.token_samples import TokenSampleSettings
 from pipeline.settings.train import TrainSettings
 
@@ -110,18 +112,6 @@ def settings_params(settings_class, module, *job_wildcards):
         return stable_json(settings_class.from_config(config, **job).key())
 
     return {"cfg": key, "code": code_hash(module)}
-
-
-def stage_params(module, *keys):
-    """params for a rule without a settings object (the report): the config values at the dotted
-    paths `keys`, and the code it runs."""
-    picked = {}
-    for key in keys:
-        value = config
-        for part in key.split("."):
-            value = value[part]
-        picked[key] = value
-    return {"cfg": stable_json(picked), "code": code_hash(module)}
 
 
 def resolved_config_file():

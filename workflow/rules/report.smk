@@ -10,7 +10,7 @@ rule report:
         summary=report(report_outputs()[0], caption="../report/summary.rst", category="Results"),
         page=report(report_outputs()[1], caption="../report/page.rst", category="Results"),
     params:
-        **stage_params("pipeline.report", "report", "train.methods", "generate.methods", "dataset"),
+        **settings_params(ReportSettings, "pipeline.report"),
         out=out_dir,
     log:
         log_path("report", "report"),
