@@ -11,7 +11,7 @@ images at the model's resolution; it still makes `num_per_image` images per real
 `image_id` they carry, so that counts match and the train stage can swap a real image for one of
 its synthetic versions). Each module says how its rows reproduce with stock diffusers.
 
-The job reads nothing of the config but its `GenerateSettings` (pipeline.settings), whose key is
+The job reads nothing of the config but its `GenerateSettings` (pipeline.settings.generate), whose key is
 also the rule's params and the resume key.
 
 Work plan (`pipeline.generate_plan`). Copy j of source image `image_id` owns the seed

@@ -159,6 +159,8 @@ def test_end_to_end_run_and_cache(project):
     jobs = project.planned_jobs()
     assert (jobs.pop("train"), jobs.pop("report")) == (1, 1) and set(jobs) <= {"all"}, jobs
     config["train"]["methods"] = ["baseline", "dafusion"]
+    config["train"]["mixup_alpha"] = 0.8
+    project.write_config(config)
 
     # Jobs given more threads compute on the same pinned count (cpu_threads): nothing to redo.
     assert project.planned_jobs("--set-threads", "generate=2", "invert=2", "train=2") == {}
