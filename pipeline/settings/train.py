@@ -32,7 +32,6 @@ class TrainSettings(StageSettings):
     method: str  # from the job
     synthetic_method: str | None  # the method's synthetic source, parsed from its name
     augmentations: tuple[str, ...]  # the method's augmentations, in the order written
-    synthetic_only: bool
     seed: int = at("seed")
     dataset: str = at("dataset.name")  # recorded in the metrics
     cpu_threads: int = at("cpu_threads")
@@ -84,7 +83,12 @@ class TrainSettings(StageSettings):
             values["finetune"] = None
         if values["epochs"] is not None:
             values.update(steps=None, eval_every=None)
-        return cls(method, synthetic_method, tuple(augmentations), is_synthetic_only(method), **values)
+        return cls(method, synthetic_method, tuple(augmentations), **values)
+
+    @property
+    def synthetic_only(self) -> bool:
+        """Whether the method trains on synthetic images alone (`+synthetic-only`, its source's CAS)."""
+        return is_synthetic_only(self.method)
 
 
 def check_mixing(mode: str, two_phase: dict | None, steps: int | None) -> None:
