@@ -77,6 +77,12 @@ def cmd_invert(args, config):
     invert_tokens(config, args.subset, args.out, class_names=args.class_names)
 
 
+def cmd_dreambooth(args, config):
+    from pipeline.dreambooth import train_dreambooth
+
+    train_dreambooth(config, args.subset, args.out)
+
+
 def cmd_merge_tokens(args, config):
     from pipeline.invert import merge_tokens
 
@@ -92,7 +98,7 @@ def cmd_token_samples(args, config):
 def cmd_generate(args, config):
     from pipeline.generate import generate_shard
 
-    generate_shard(config, args.subset, args.tokens, args.method, args.shard, args.num_shards, args.out)
+    generate_shard(config, args.subset, args.tokens, args.method, args.shard, args.num_shards, args.out, adapter_dir=args.adapter)
 
 
 def cmd_export(args, config):
@@ -178,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="tokens folder (learned_embeds.safetensors, tokens.json)")
     p.add_argument("--class", dest="class_names", action="append", help="only this class (repeatable)")
 
+    p = stage("dreambooth", cmd_dreambooth, "DreamBooth-LoRA: adapt the model to a few-shot subset, every class under its own prompt.")
+    p.add_argument("--subset", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="adapter folder (pytorch_lora_weights.safetensors, adapter.json)")
+
     p = stage("merge-tokens", cmd_merge_tokens, "Combine tokens folders (one per class in invert.mode per_class) into one.")
     p.add_argument("--tokens", type=Path, nargs="+", required=True, help="tokens folders, in class order")
     p.add_argument("--out", type=Path, required=True, help="tokens folder to write")
@@ -189,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("generate", cmd_generate, "SDEdit synthetic images for one shard of a subset into a Parquet shard.")
     p.add_argument("--subset", type=Path, required=True)
     p.add_argument("--tokens", type=Path, default=None, help="tokens folder (methods that use learned tokens)")
+    p.add_argument("--adapter", type=Path, default=None, help="adapter folder (methods with an adapted model: dreambooth)")
     p.add_argument("--method", required=True, help="a generate.methods entry, e.g. dafusion, real-guidance, txt2img")
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1)
@@ -230,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Stages whose outputs are data that later stages consume byte for byte: they compute on the config's
 # `cpu_threads`, whatever the job was given (pipeline.device, "CPU threads"). FID and the oracle's
 # scores are measurements printed to a few digits; they keep the job's threads for speed.
-PINNED_THREADS = {cmd_pretrain_demo_model, cmd_train_oracle, cmd_invert, cmd_token_samples, cmd_generate, cmd_train}
+PINNED_THREADS = {cmd_pretrain_demo_model, cmd_train_oracle, cmd_invert, cmd_dreambooth, cmd_token_samples, cmd_generate, cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

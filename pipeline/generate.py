@@ -50,7 +50,6 @@ first to finish merges and deletes the folder, and the other merges only its own
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import shutil
 import time
@@ -61,17 +60,17 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from pipeline import PipelineError, __version__, methods, sdedit, shard_parts
+from pipeline import PipelineError, __version__, adapters, methods, sdedit, shard_parts
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
 from pipeline.generate_plan import WorkItem, plan_batches, plan_items, resample_seed, shard_items
 from pipeline.hashing import value_hash
-from pipeline.io import encode_png, output_lock, read_metadata, read_parquet, write_parquet
+from pipeline.io import encode_png, file_sha256, output_lock, read_metadata, read_parquet, write_parquet
 from pipeline.makers import MAKERS
 from pipeline.manifest import SHARD_SCHEMA, read_manifest, shard_file_table
 from pipeline.methods import Method
 from pipeline.progress import progress
 from pipeline.settings.generate import GenerateSettings
-from pipeline.layout import EMBEDDINGS_FILE
+from pipeline.layout import ADAPTER_WEIGHTS_FILE, EMBEDDINGS_FILE
 from pipeline.tokens import add_tokens_to_pipeline, load_token_file
 
 log = logging.getLogger(__name__)
@@ -143,10 +142,14 @@ def _check_masks(subset_path: Path, method: Method, rows: list[dict]) -> None:
         )
 
 
-def _check_arguments(settings: GenerateSettings, tokens_dir: Path | None, shard: int, num_shards: int) -> None:
+def _check_arguments(settings: GenerateSettings, tokens_dir: Path | None, adapter_dir: Path | None, shard: int, num_shards: int) -> None:
     method = methods.get(settings.method)
     if "tokens" in method.needs and tokens_dir is None:
         raise PipelineError(f"method {method.name!r} prompts with learned class tokens. Expected a tokens folder, got none.")
+    if method.adapter and adapter_dir is None:
+        raise PipelineError(f"method {method.name!r} generates with the subset's {method.adapter} adapter. Expected an adapter folder, got none.")
+    if not method.adapter and adapter_dir is not None:
+        raise PipelineError(f"method {method.name!r} uses the base model. Got an adapter folder {adapter_dir}; expected none.")
     if tokens_dir is not None:
         load_token_file(tokens_dir)  # names a missing or broken file now, before the model loads
     if not 0 <= shard < num_shards:
@@ -154,15 +157,7 @@ def _check_arguments(settings: GenerateSettings, tokens_dir: Path | None, shard:
     MAKERS[method.kind].check(settings)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _provenance(settings: GenerateSettings, subset_path, tokens_dir, shard, num_shards, device, dtype) -> dict:
+def _provenance(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir, shard, num_shards, device, dtype) -> dict:
     """The shard's key-value metadata, and (as it is) the resume key of its half-finished job:
     the settings' key hashed, what the job read, and what sets the last bits of its pixels."""
     return {
@@ -174,8 +169,10 @@ def _provenance(settings: GenerateSettings, subset_path, tokens_dir, shard, num_
         "num_shards": num_shards,
         "model": settings.model_id,
         "subset": str(subset_path),
-        "subset_sha256": _sha256(subset_path),
-        "tokens_sha256": _sha256(tokens_dir / EMBEDDINGS_FILE) if tokens_dir is not None else None,
+        "subset_sha256": file_sha256(subset_path),
+        "tokens_sha256": file_sha256(tokens_dir / EMBEDDINGS_FILE) if tokens_dir is not None else None,
+        "adapter": str(adapter_dir) if adapter_dir is not None else None,
+        "adapter_sha256": file_sha256(adapter_dir / ADAPTER_WEIGHTS_FILE) if adapter_dir is not None else None,
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         **cpu_numerics(device),
@@ -250,8 +247,12 @@ def generate_shard(
     shard: int,
     num_shards: int,
     out_path: Path,
+    adapter_dir: Path | None = None,
 ) -> dict:
     """Make this shard's synthetic images of the subset with `method`; write them to `out_path`.
+
+    `tokens_dir` is the invert stage's folder (methods that prompt with learned tokens), `adapter_dir`
+    the subset's adapted-model folder (methods with an adapter, such as dreambooth), else None.
 
     The only reader of `config`: everything below gets the method's GenerateSettings.
     `out_path` gets one row per synthetic image (pipeline.manifest.SHARD_SCHEMA, sorted by
@@ -262,12 +263,13 @@ def generate_shard(
     settings = GenerateSettings.from_config(config, method)
     subset_path, out_path = Path(subset_path), Path(out_path)
     tokens_dir = Path(tokens_dir) if tokens_dir is not None else None
-    _check_arguments(settings, tokens_dir, shard, num_shards)
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+    _check_arguments(settings, tokens_dir, adapter_dir, shard, num_shards)
     with output_lock(out_path):
-        return _write_shard(settings, subset_path, tokens_dir, shard, num_shards, out_path)
+        return _write_shard(settings, subset_path, tokens_dir, adapter_dir, shard, num_shards, out_path)
 
 
-def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, shard, num_shards, out_path) -> dict:
+def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir, shard, num_shards, out_path) -> dict:
     """generate_shard's work, by the holder of the output's lock: resume, generate, merge."""
     method = settings.method
     rows = _read_subset(subset_path)
@@ -278,7 +280,7 @@ def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, shard, num
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    provenance = _provenance(settings, subset_path, tokens_dir, shard, num_shards, device, dtype)
+    provenance = _provenance(settings, subset_path, tokens_dir, adapter_dir, shard, num_shards, device, dtype)
     partial = shard_parts.partial_dir(out_path)
     tables = shard_parts.load_partial(partial, provenance)
     done = {sid for table in tables for sid in table.column("synthetic_id").to_pylist()}
@@ -290,7 +292,7 @@ def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, shard, num
     generated = 0
     if todo:
         desc = f"generate {method} shard {shard}/{num_shards}"
-        generated = _generate_items(settings, tokens_dir, todo, partial, len(tables), device, dtype, desc)
+        generated = _generate_items(settings, tokens_dir, adapter_dir, todo, partial, len(tables), device, dtype, desc)
     parts = sorted(partial.glob("part-*.parquet"))
     tables = [read_parquet(part) for part in parts]
     metadata = [read_metadata(part) for part in parts]
@@ -339,13 +341,15 @@ def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, shard, num
     return summary
 
 
-def _generate_items(settings: GenerateSettings, tokens_dir, items, partial, first_part, device, dtype, desc) -> int:
+def _generate_items(settings: GenerateSettings, tokens_dir, adapter_dir, items, partial, first_part, device, dtype, desc) -> int:
     """Make `items` in batches, flushing rows to numbered part files in `partial`; return images made."""
     method = methods.get(settings.method)
     pipe = sdedit.load_img2img(
         settings.model_id, device, dtype, scheduler=settings.scheduler, channels_last=settings.channels_last,
         compile=settings.compile,
     )  # fmt: skip
+    if method.adapter:
+        adapters.load_adapter(pipe, adapter_dir, settings.adapter_prompt)
     checker = sdedit.SafetyChecker(settings.model_id, device, dtype) if settings.safety_checker else None
     batches = plan_batches(items, resolve_batch_size(settings, pipe, device))
     class_names = sorted({item.class_name for item in items})

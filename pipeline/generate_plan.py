@@ -56,8 +56,11 @@ def lowest_strength(settings: GenerateSettings) -> float:
 
 
 def template_for(settings: GenerateSettings, image_id: str, j: int) -> str:
-    """The method's prompt template; text-to-image draws one of generate.txt2img_templates per image."""
+    """The method's prompt template; text-to-image draws one of generate.txt2img_templates per image,
+    and a method with an adapter prompts as the adapter was trained (dreambooth.instance_prompt)."""
     method = methods.get(settings.method)
+    if method.adapter:
+        return settings.adapter_prompt
     if not method.draws_template:
         return method.template
     templates = settings.txt2img_templates

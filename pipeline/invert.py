@@ -36,7 +36,7 @@ from pipeline.checkpoint import verify_if_local
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
 from pipeline.hashing import value_hash
 from pipeline.io import atomic_path, open_image, output_lock, read_json
-from pipeline.manifest import read_manifest
+from pipeline.manifest import read_manifest, training_images_by_class
 from pipeline.progress import progress
 from pipeline.rng import derive_seed, torch_generator
 from pipeline.settings.invert import InvertSettings
@@ -374,18 +374,6 @@ def train_token_vectors(
     return vectors.detach().cpu(), losses
 
 
-def _class_images(rows: list[dict], subset_path: Path, classes: list[str]) -> dict[str, list[Path]]:
-    """Training image paths per class, ordered by image_id (not by file order)."""
-    by_class: dict[str, list[tuple[str, Path]]] = {name: [] for name in classes}
-    for row in rows:
-        if row["split"] == "train" and row["class_name"] in by_class:
-            by_class[row["class_name"]].append((row["image_id"], Path(row["path"])))
-    empty = [name for name, items in by_class.items() if not items]
-    if empty:
-        raise PipelineError(f"{subset_path}: no training images for classes {empty}. Expected at least one per class.")
-    return {name: [path for _, path in sorted(items)] for name, items in by_class.items()}
-
-
 def _select_classes(meta: dict, subset_path: Path, class_names: list[str] | None) -> dict[str, str]:
     """{class_name: token} of the classes to learn, checking names and token clashes."""
     known = list(meta["classes"])
@@ -435,7 +423,7 @@ def _learn_tokens(settings: InvertSettings, subset_path: Path, out_dir: Path, cl
     """invert_tokens' work, by the holder of the output's lock."""
     rows, meta = read_manifest(subset_path)
     class_tokens = _select_classes(meta, subset_path, class_names)
-    class_paths = _class_images(rows, subset_path, list(class_tokens))
+    class_paths = training_images_by_class(rows, subset_path, list(class_tokens))
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     components = load_components(settings.model_id, device, dtype, settings.gradient_checkpointing)

@@ -27,6 +27,10 @@ TOKENS_FILE = "tokens.json"  # a tokens folder: class -> token, and how they wer
 EMBEDDINGS_FILE = "learned_embeds.safetensors"  # a tokens folder, and each of its per-class folders
 LOSS_FILE = "loss.csv"  # a tokens folder: step, class, loss
 EXPORT_INDEX = "images.csv"  # an export folder: one row per exported PNG
+# An adapter folder (dreambooth): the LoRA weights under the name diffusers' load_lora_weights looks
+# for, and how they were trained (prompts, classes, sha256 of the weights).
+ADAPTER_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER_INFO_FILE = "adapter.json"
 
 
 def class_slug(class_name: str) -> str:
@@ -58,6 +62,11 @@ def subset(results: str, k, trial_seed) -> str:
 
 def tokens(results: str, k, trial_seed) -> str:
     return f"{results}/invert/{subset_name(k, trial_seed)}"
+
+
+def adapter(results: str, kind: str, k, trial_seed) -> str:
+    """The folder of a subset's adapted-model weights (kind: one of pipeline.methods.ADAPTERS)."""
+    return f"{results}/{kind}/{subset_name(k, trial_seed)}"
 
 
 def token_class_dir(tokens_dir, token: str) -> str:

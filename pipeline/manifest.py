@@ -139,3 +139,15 @@ def read_shards(paths: list[str | Path], with_images: bool = True) -> list[dict]
             raise PipelineError(f"{path}: synthetic shard lacks columns {sorted(missing)}")
         rows.extend(_as_shard_schema(table).to_pylist())
     return rows
+
+
+def training_images_by_class(rows: list[dict], subset_path: Path, classes: list[str]) -> dict[str, list[Path]]:
+    """Training image paths per class, ordered by image_id (not by file order)."""
+    by_class: dict[str, list[tuple[str, Path]]] = {name: [] for name in classes}
+    for row in rows:
+        if row["split"] == "train" and row["class_name"] in by_class:
+            by_class[row["class_name"]].append((row["image_id"], Path(row["path"])))
+    empty = [name for name, items in by_class.items() if not items]
+    if empty:
+        raise PipelineError(f"{subset_path}: no training images for classes {empty}. Expected at least one per class.")
+    return {name: [path for _, path in sorted(items)] for name, items in by_class.items()}

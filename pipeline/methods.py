@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pipeline import PipelineError
 
 # What a method can need besides a subset and the base model. "tokens": the invert stage's learned
-# class tokens; "masks": each source image's object mask (the subset's mask_path).
-NEEDS = frozenset({"tokens", "masks"})
+# class tokens; "masks": each source image's object mask (the subset's mask_path); "dreambooth": the
+# dreambooth stage's LoRA adapter of the subset, loaded into the base model.
+NEEDS = frozenset({"tokens", "masks", "dreambooth"})
+ADAPTERS = ("dreambooth",)  # the stages that adapt the model's weights to a subset
 STARTS = ("source", "noise")  # a source image noised to t0 (SDEdit), or pure noise (text-to-image)
 REGIONS = ("image", "object", "background")  # the part of the source a method re-generates
 FILLS = ("token", "class_name", None)  # what replaces "{}" in the prompt template
@@ -33,17 +35,22 @@ FILLS = ("token", "class_name", None)  # what replaces "{}" in the prompt templa
 class Method:
     name: str
     kind: str  # the pipeline.makers module that makes its images
-    template: str | None  # "{}" is filled per `fill`; None: one of generate.txt2img_templates per image
+    # "{}" is filled per `fill`. None: one of generate.txt2img_templates per image, or with an
+    # adapter the prompt the adapter was trained with (dreambooth.instance_prompt).
+    template: str | None
     fill: str | None
     start: str = "source"
     region: str = "image"
     strength: float | None = None  # its own t0; None: generate.strength if set, else drawn from {1/k, ..., k/k}
+    adapter: str | None = None  # one of ADAPTERS: generate with the subset's adapted model
 
     def __post_init__(self):
         if self.start not in STARTS or self.region not in REGIONS or self.fill not in FILLS:
             raise ValueError(f"method {self.name!r}: start, region or fill is none of {STARTS}, {REGIONS}, {FILLS}")
         if self.start == "noise" and (self.region != "image" or self.strength is not None):
             raise ValueError(f"method {self.name!r} starts from noise: it has no source region or strength")
+        if self.adapter not in (None, *ADAPTERS) or (self.adapter and self.template is not None):
+            raise ValueError(f"method {self.name!r}: adapter is none of {ADAPTERS}, or it has a template of its own")
 
     @property
     def needs(self) -> frozenset[str]:
@@ -52,11 +59,13 @@ class Method:
             needs.add("tokens")
         if self.region != "image":
             needs.add("masks")
+        if self.adapter:
+            needs.add(self.adapter)
         return frozenset(needs)
 
     @property
     def draws_template(self) -> bool:
-        return self.template is None
+        return self.template is None and self.adapter is None
 
     def prompt(self, template: str, class_name: str, class_tokens: dict[str, str]) -> str:
         """The prompt of one image of class `class_name` (`class_tokens`: class name -> its learned token)."""
@@ -78,9 +87,17 @@ METHODS = {
         Method("class-agnostic", "img2img", "a photo", None),
         # Vanilla Stable Diffusion synthetic data: a class-name template, no real image.
         Method("txt2img", "txt2img", None, "class_name", start="noise"),
+        # Text-to-image with the learned token instead of the name (the Wisconsin study's textual
+        # inversion synthetic set, its Table 1).
+        Method("txt2img-token", "txt2img", "a photo of a {}", "token", start="noise"),
         # DA-Fusion eq. 7 (object-centric): only the labelled object, or only its background, changes.
         Method("inpaint-fg", "img2img", "a photo of a {}", "token", region="object"),
         Method("inpaint-bg", "img2img", "a photo of a {}", "token", region="background"),
+        # DreamBooth (Ruiz et al. 2023; the Wisconsin study's synthetic set): text-to-image from the
+        # subset's DreamBooth-LoRA model with its instance prompt ("a photo of sks {class}") ...
+        Method("dreambooth", "txt2img", None, "class_name", start="noise", adapter="dreambooth"),
+        # ... and DA-Fusion's SDEdit, t0 drawn as dafusion's, with that model and prompt.
+        Method("dreambooth-sdedit", "img2img", None, "class_name", adapter="dreambooth"),
     )
 }
 

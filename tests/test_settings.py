@@ -35,8 +35,8 @@ def test_how_a_job_runs_is_not_in_its_key():
     [
         ({"txt2img_templates": ["a drawing of a {}"]}, {"txt2img"}),
         ({"mask_dilation": 3}, {"inpaint-fg", "inpaint-bg"}),
-        ({"strength": 0.75}, {"dafusion", "class-agnostic", "inpaint-fg", "inpaint-bg"}),
-        ({"num_intensities": 2}, {"dafusion", "class-agnostic", "inpaint-fg", "inpaint-bg"}),
+        ({"strength": 0.75}, {"dafusion", "class-agnostic", "inpaint-fg", "inpaint-bg", "dreambooth-sdedit"}),
+        ({"num_intensities": 2}, {"dafusion", "class-agnostic", "inpaint-fg", "inpaint-bg", "dreambooth-sdedit"}),
         ({"guidance_scale": 3.0}, set(methods.METHODS)),
     ],
 )

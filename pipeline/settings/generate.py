@@ -12,7 +12,8 @@ from pipeline.settings import StageSettings, at
 class GenerateSettings(StageSettings):
     """A setting the method cannot use is None (and so out of its key): `strength` and
     `num_intensities` for text-to-image, `num_intensities` for a fixed t0, `txt2img_templates` for
-    a method with its own prompt, `mask_dilation` for one that re-generates the whole image.
+    a method with its own prompt, `mask_dilation` for one that re-generates the whole image,
+    `adapter_prompt` for one without an adapted model.
     Editing generate.txt2img_templates therefore reruns the txt2img shards only.
     """
 
@@ -35,6 +36,7 @@ class GenerateSettings(StageSettings):
     num_intensities: int | None = at("generate.num_intensities")  # k of the drawn t0 in {1/k, ..., k/k}
     txt2img_templates: tuple[str, ...] | None = at("generate.txt2img_templates")
     mask_dilation: int | None = at("generate.mask_dilation")
+    adapter_prompt: str | None = at("dreambooth.instance_prompt")  # an adapted model's prompt
     # Seeds, strengths and prompts do not depend on these, nor pixels on CPU (on GPU a level or
     # two, as kernels sum in batch-dependent orders).
     device: str = at("device", how=True)
@@ -53,4 +55,6 @@ class GenerateSettings(StageSettings):
             values["txt2img_templates"] = None
         if spec.region == "image":
             values["mask_dilation"] = None
+        if spec.adapter is None:
+            values["adapter_prompt"] = None
         return cls(method=method, **values)

@@ -31,6 +31,7 @@ from pipeline.augment import parse_method
 from pipeline.checkpoint import check_corpus_disjoint, is_local, model_files, verify_if_local
 from pipeline.config import stable_json, validate_config
 from pipeline.hashing import code_hash, value_hash
+from pipeline.settings.dreambooth import DreamBoothSettings
 from pipeline.settings.fid import FidFeatureSettings, FidSettings, OracleScoreSettings
 from pipeline.settings.generate import GenerateSettings
 from pipeline.settings.invert import InvertSettings
@@ -150,6 +151,11 @@ def tokens_input(wildcards):
     return []
 
 
+def adapter_input(wildcards):
+    adapter = methods.get(wildcards.method).adapter
+    return layout.adapter(R, adapter, wildcards.k, wildcards.seed) if adapter else []
+
+
 def synthetic_shards_for(wildcards):
     """Shards of the train method's synthetic part (none for augmentation-only methods)."""
     synthetic, _ = parse_method(wildcards.method, set(GENERATE_METHODS))
@@ -162,8 +168,10 @@ def report_outputs():
     return [f"{layout.report_dir(R)}/summary.csv", f"{layout.report_dir(R)}/index.html"]
 
 
-def tokens_arg(wildcards, input):
-    return f"--tokens {shlex.quote(input.tokens)}" if input.get("tokens") else ""
+def folder_args(wildcards, input):
+    """generate's "--tokens <path>" and "--adapter <path>" for the inputs the method has, quoted, so
+    used as {params.folders} without :q."""
+    return " ".join(f"--{name} {shlex.quote(input[name])}" for name in ("tokens", "adapter") if input.get(name))
 
 
 def out_dir(wildcards, output):

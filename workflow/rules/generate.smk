@@ -6,12 +6,13 @@ rule generate:
         model_input(),
         subset=layout.subset(R, "{k}", "{seed}"),
         tokens=tokens_input,
+        adapter=adapter_input,
     output:
         layout.shard(R, "{method}", "{k}", "{seed}", "{shard}", "{total}"),
     params:
         # The method's GenerateSettings: batch size, flush interval and device are not in its key.
         **settings_params(GenerateSettings, "pipeline.generate", "method"),
-        tokens=tokens_arg,  # "--tokens <quoted path>" or nothing, so used as {params.tokens} without :q
+        folders=folder_args,  # "--tokens <quoted path>", "--adapter <quoted path>", or nothing
     log:
         log_path("generate", f"{{method}}/{SUBSET}/shard-{{shard}}-of-{{total}}"),
     benchmark:
@@ -20,7 +21,7 @@ rule generate:
     resources:
         gpu=1,
     shell:
-        "python -m pipeline generate --config {CONFIG_FILE} --subset {input.subset:q} {params.tokens}"
+        "python -m pipeline generate --config {CONFIG_FILE} --subset {input.subset:q} {params.folders}"
         " --method {wildcards.method:q} --shard {wildcards.shard:q} --num-shards {wildcards.total:q} --out {output:q} > {log:q} 2>&1"
 
 

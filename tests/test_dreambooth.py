@@ -1,0 +1,192 @@
+"""DreamBooth-LoRA on the tiny random Stable Diffusion: what is trained and written, that stock
+diffusers loads it, resume, and generation with the adapted model. (Its effect, on the demo model:
+BENCHMARKS.md, "DreamBooth-LoRA".)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import RecordingConfig, undeclared_reads
+from test_invert import CLASSES, write_subset
+
+from pipeline import PipelineError, adapters, layout, sdedit
+from pipeline import dreambooth as db
+from pipeline.config import validate_config
+from pipeline.generate import generate_shard
+from pipeline.io import file_sha256, read_metadata, write_parquet
+from pipeline.manifest import manifest_table, read_manifest, read_shards
+from pipeline.settings.dreambooth import DreamBoothSettings
+from pipeline.settings.generate import GenerateSettings
+from pipeline.tiny_sd import build_tiny_sd
+
+RESOLUTION = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd", resolution=RESOLUTION, seed=0)
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory) -> Path:
+    """Two training images per class and nothing else, as the fewshot stage writes a subset."""
+    path = write_subset(tmp_path_factory.mktemp("data"), {name: 2 for name in CLASSES})
+    rows, meta = read_manifest(path)
+    write_parquet(path, manifest_table([row for row in rows if row["split"] == "train"]), meta)
+    return path
+
+
+def make_config(model: Path, **dreambooth) -> dict:
+    settings = {"num_class_images": 2, "class_image_steps": 2, "steps_per_class": 2, "batch_size": 2,
+                "learning_rate": 1e-2, "checkpoint_every": 0, **dreambooth}  # fmt: skip
+    return validate_config({"model": {"id": str(model), "resolution": RESOLUTION}, "device": "cpu", "dreambooth": settings})
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, subset, tmp_path_factory, one_thread) -> Path:
+    out = tmp_path_factory.mktemp("adapters") / "k2_seed0"
+    db.train_dreambooth(make_config(tiny_model), subset, out)
+    return out
+
+
+def unet_output(pipe) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    side = RESOLUTION // pipe.vae_scale_factor
+    latents = torch.randn(1, pipe.unet.config.in_channels, side, side, generator=generator)
+    text = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return pipe.unet(latents, 500, encoder_hidden_states=text).sample
+
+
+def test_the_adapter_loads_in_stock_diffusers_and_changes_the_model(tiny_model, adapter):
+    from diffusers import StableDiffusionPipeline
+
+    assert sorted(p.name for p in adapter.iterdir()) == sorted([layout.ADAPTER_INFO_FILE, layout.ADAPTER_WEIGHTS_FILE, layout.LOSS_FILE])
+    weights = load_file(adapter / layout.ADAPTER_WEIGHTS_FILE)
+    assert weights and all(name.startswith("unet.") and "lora" in name for name in weights)
+    # Only the attention projections are adapted, at the configured rank.
+    assert {name.split(".lora")[0].rsplit(".", 1)[-1] for name in weights} <= {"to_q", "to_k", "to_v", "0"}
+    assert {tuple(t.shape)[0] for name, t in weights.items() if "lora.down" in name or "lora_A" in name} == {4}
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    base = unet_output(pipe)
+    pipe.load_lora_weights(str(adapter))
+    assert not torch.equal(unet_output(pipe), base), "the trained adapter must change the UNet"
+
+    info = json.loads((adapter / layout.ADAPTER_INFO_FILE).read_text())
+    assert info["instance_prompt"] == "a photo of sks {}" and info["class_prompt"] == "a photo of a {}"
+    assert info["classes"] == CLASSES and info["steps"] == 2 * len(CLASSES)
+    assert info["sha256"][layout.ADAPTER_WEIGHTS_FILE] == file_sha256(adapter / layout.ADAPTER_WEIGHTS_FILE)
+    with (adapter / layout.LOSS_FILE).open() as handle:
+        losses = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in losses] == list(range(1, 7))
+    assert all(float(row["instance_loss"]) > 0 and float(row["prior_loss"]) > 0 for row in losses)
+
+
+def test_fusing_the_adapter_gives_the_unfused_models_output(tiny_model, adapter):
+    from diffusers import StableDiffusionPipeline
+
+    unfused = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    unfused.load_lora_weights(str(adapter))
+    fused = sdedit.load_img2img(str(tiny_model), torch.device("cpu"), torch.float32)
+    digest = adapters.load_adapter(fused, adapter, "a photo of sks {}")
+    assert digest == file_sha256(adapter / layout.ADAPTER_WEIGHTS_FILE)
+    assert not any("lora" in name for name in fused.unet.state_dict()), "fused and unloaded: a plain UNet again"
+    torch.testing.assert_close(unet_output(fused), unet_output(unfused), rtol=1e-4, atol=1e-5)
+
+
+def test_training_is_seeded_and_resumes_to_the_same_weights(tiny_model, subset, adapter, tmp_path, monkeypatch, one_thread):
+    config = make_config(tiny_model, checkpoint_every=2)
+    real_target = db._target
+    calls = []
+
+    def killed_at_step_five(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_target(*args)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(db, "_target", killed_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        db.train_dreambooth(config, subset, resumed)
+    assert not resumed.exists(), "nothing half-written at the output"
+    assert torch.load(db.checkpoint_dir_for(resumed) / db.CHECKPOINT_FILE, weights_only=True)["step"] == 4
+
+    calls.clear()
+    monkeypatch.setattr(db, "_target", lambda *args: calls.append(1) or real_target(*args))
+    db.train_dreambooth(config, subset, resumed)
+    assert len(calls) == 2, "the resumed run trains only the steps after the checkpoint"
+    assert not db.checkpoint_dir_for(resumed).exists()
+    # Bitwise the fixture's uninterrupted run (checkpointing changes no weight).
+    ours, theirs = load_file(resumed / layout.ADAPTER_WEIGHTS_FILE), load_file(adapter / layout.ADAPTER_WEIGHTS_FILE)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (resumed / layout.LOSS_FILE).read_text() == (adapter / layout.LOSS_FILE).read_text()
+
+
+def test_without_prior_preservation_only_the_instance_loss_is_trained(tiny_model, subset, tmp_path, one_thread):
+    summary = db.train_dreambooth(make_config(tiny_model, num_class_images=0), subset, tmp_path / "adapter")
+    assert summary["final_loss"]["prior"] is None and summary["final_loss"]["instance"] > 0
+
+
+def test_the_stage_reads_only_its_settings(tiny_model, subset, tmp_path, one_thread):
+    reads: set = set()
+    db.train_dreambooth(RecordingConfig(make_config(tiny_model, steps_per_class=1), reads), subset, tmp_path / "adapter")
+    assert undeclared_reads(reads, DreamBoothSettings) == set()
+
+
+def test_the_instance_prompt_is_in_the_key_of_the_adapted_methods_only():
+    def key(method, prompt):
+        return GenerateSettings.from_config(validate_config({"dreambooth": {"instance_prompt": prompt}}), method).key()
+
+    changed = {m for m in ("dafusion", "txt2img", "dreambooth", "dreambooth-sdedit") if key(m, "a sks {}") != key(m, "a photo of sks {}")}
+    assert changed == {"dreambooth", "dreambooth-sdedit"}
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "dreambooth-sdedit"])
+def test_generation_uses_the_adapted_model_and_its_prompt(tiny_model, subset, adapter, tmp_path, monkeypatch, method, one_thread):
+    config = validate_config({**make_config(tiny_model), "generate": {"num_per_image": 1, "num_inference_steps": 4, "methods": [method]}})
+    out = tmp_path / "shard.parquet"
+    generate_shard(config, subset, None, method, 0, 1, out, adapter_dir=adapter)
+    rows = read_shards([out])
+    assert len(rows) == 2 * len(CLASSES)
+    assert {row["prompt"] for row in rows} == {f"a photo of sks {name}" for name in CLASSES}
+    meta = read_metadata(out)
+    assert meta["adapter_sha256"] == file_sha256(adapter / layout.ADAPTER_WEIGHTS_FILE) and meta["adapter"] == str(adapter)
+
+    # The same work items with the adapter left unloaded give other images: the adapter made them.
+    monkeypatch.setattr(adapters, "load_adapter", lambda *args: "not loaded")
+    base = tmp_path / "base.parquet"
+    generate_shard(config, subset, None, method, 0, 1, base, adapter_dir=adapter)
+    base_rows = read_shards([base])
+    assert [r["seed"] for r in base_rows] == [r["seed"] for r in rows]
+    assert all(a["image"] != b["image"] for a, b in zip(base_rows, rows))
+
+
+def test_generation_refuses_a_missing_or_stale_adapter(tiny_model, subset, adapter, tmp_path):
+    config = validate_config({**make_config(tiny_model), "generate": {"num_per_image": 1, "num_inference_steps": 4}})
+    with pytest.raises(PipelineError, match=r"method 'dreambooth' generates with the subset's dreambooth adapter\. Expected an adapter folder"):
+        generate_shard(config, subset, None, "dreambooth", 0, 1, tmp_path / "a.parquet")
+    with pytest.raises(PipelineError, match=r"method 'txt2img' uses the base model\. Got an adapter folder"):
+        generate_shard(config, subset, None, "txt2img", 0, 1, tmp_path / "a.parquet", adapter_dir=adapter)
+    other = validate_config({**config, "dreambooth": {"instance_prompt": "a picture of zwx {}"}})
+    with pytest.raises(PipelineError, match=r"adapter\.json: the adapter was trained with instance prompt 'a photo of sks \{\}'\. Expected dreambooth\.instance_prompt 'a picture of zwx \{\}'"):
+        generate_shard(other, subset, None, "dreambooth", 0, 1, tmp_path / "b.parquet", adapter_dir=adapter)
+    assert not (tmp_path / "b.parquet").exists()
+
+
+def test_generation_refuses_an_adapter_whose_weights_changed(tiny_model, subset, adapter, tmp_path):
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    weights = copy / layout.ADAPTER_WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-8])
+    config = validate_config({**make_config(tiny_model), "generate": {"num_per_image": 1, "num_inference_steps": 4}})
+    with pytest.raises(PipelineError, match=r"pytorch_lora_weights\.safetensors: sha256 .* does not match .* recorded in .*adapter\.json"):
+        generate_shard(config, subset, None, "dreambooth", 0, 1, tmp_path / "a.parquet", adapter_dir=copy)
