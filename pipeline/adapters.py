@@ -1,4 +1,4 @@
-"""Loading a subset's adapted-model weights (the dreambooth stage's LoRA) into a generation pipeline.
+"""A subset's adapted-model weights (the dreambooth stage's per-class LoRA adapters) in a generation pipeline.
 
 Apart from the stage that trains them, so that generation's code hash does not cover training code.
 """
@@ -7,31 +7,61 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 from pipeline import PipelineError, layout
-from pipeline.checkpoint import check_recorded_hashes
-from pipeline.io import file_sha256, read_json
+from pipeline.checkpoint import check_recorded_hashes, weight_hashes
+from pipeline.io import read_json
 
 
-def load_adapter(pipe, adapter_dir: Path, expected_prompt: str) -> str:
-    """Load and fuse the DreamBooth-LoRA adapter in `adapter_dir` into `pipe`; return its weights' sha256.
+def adapted_weights(weights_file: Path) -> set[str]:
+    """The UNet weights (state-dict names) a LoRA file changes once fused: one per adapted module,
+    from its keys ("unet.<module>.lora_A.weight" or "unet.<module>.lora.down.weight")."""
+    with safe_open(weights_file, "pt") as handle:
+        keys = list(handle.keys())
+    modules = {key.removeprefix("unet.").split(".lora")[0] for key in keys if ".lora" in key}
+    return {f"{module}.weight" for module in modules}
 
-    PipelineError naming the file when the folder is not the dreambooth stage's output, its weights
-    are not the ones it recorded, or it was trained with another instance prompt (generation must
-    prompt with the one it learned).
+
+class ClassAdapters:
+    """The per-class adapters of `adapter_dir`, fused into `pipe`'s UNet one class at a time.
+
+    Fused, the UNet is a plain model again: as fast as the base one, and its images do not depend on
+    the batch size (unfused LoRA matmuls would). Switching class restores the base weights first, so
+    no class's adapter leaks into another's.
     """
-    info_path, weights = adapter_dir / layout.ADAPTER_INFO_FILE, adapter_dir / layout.ADAPTER_WEIGHTS_FILE
-    if not info_path.is_file() or not weights.is_file():
-        raise PipelineError(f"adapter folder {adapter_dir}: expected {layout.ADAPTER_INFO_FILE} and {layout.ADAPTER_WEIGHTS_FILE} (the dreambooth stage's output)")
-    info = read_json(info_path)
-    if info.get("instance_prompt") != expected_prompt:
-        raise PipelineError(
-            f"{info_path}: the adapter was trained with instance prompt {info.get('instance_prompt')!r}. "
-            f"Expected dreambooth.instance_prompt {expected_prompt!r}; rerun the dreambooth stage."
-        )
-    check_recorded_hashes(adapter_dir, info_path)
-    pipe.load_lora_weights(str(adapter_dir))
-    # Fused into the attention weights: a plain model again, as fast as the base one, and its
-    # images do not depend on the batch size (the extra LoRA matmuls would).
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    return file_sha256(weights)
+
+    def __init__(self, pipe, adapter_dir: Path, expected_prompt: str):
+        info_path = adapter_dir / layout.ADAPTER_INFO_FILE
+        if not info_path.is_file():
+            raise PipelineError(f"adapter folder {adapter_dir}: expected {layout.ADAPTER_INFO_FILE} (the dreambooth stage's output)")
+        info = read_json(info_path)
+        if info.get("instance_prompt") != expected_prompt:
+            raise PipelineError(
+                f"{info_path}: the adapters were trained with instance prompt {info.get('instance_prompt')!r}. "
+                f"Expected dreambooth.instance_prompt {expected_prompt!r}; rerun the dreambooth stage."
+            )
+        check_recorded_hashes(adapter_dir, info_path)
+        self.pipe, self.adapter_dir, self.folders = pipe, adapter_dir, info["classes"]
+        self.hashes = weight_hashes(adapter_dir)
+        adapted = set().union(*(adapted_weights(adapter_dir / folder / layout.ADAPTER_WEIGHTS_FILE) for folder in self.folders.values()))
+        state = pipe.unet.state_dict()
+        missing = sorted(adapted - set(state))
+        if missing:
+            raise PipelineError(f"{adapter_dir}: the adapters change {missing[0]}, which the UNet of {pipe.unet.config._name_or_path!r} does not have. Expected adapters trained on this model.")
+        self.base = {name: state[name].detach().clone() for name in sorted(adapted)}
+        self.current: str | None = None
+
+    def use(self, class_name: str) -> None:
+        """Make `pipe` the model adapted to `class_name`."""
+        if class_name == self.current:
+            return
+        if class_name not in self.folders:
+            raise PipelineError(f"{self.adapter_dir / layout.ADAPTER_INFO_FILE}: no adapter for class {class_name!r}. Expected one of {sorted(self.folders)}")
+        with torch.no_grad():
+            self.pipe.unet.load_state_dict(self.base, strict=False)
+        self.pipe.load_lora_weights(str(self.adapter_dir / self.folders[class_name]))
+        self.pipe.fuse_lora()
+        self.pipe.unload_lora_weights()
+        self.current = class_name

@@ -63,6 +63,7 @@ from PIL import Image
 from pipeline import PipelineError, __version__, adapters, methods, sdedit, shard_parts
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
 from pipeline.generate_plan import WorkItem, plan_batches, plan_items, resample_seed, shard_items
+from pipeline.checkpoint import weight_hashes
 from pipeline.hashing import value_hash
 from pipeline.io import encode_png, file_sha256, output_lock, read_metadata, read_parquet, write_parquet
 from pipeline.makers import MAKERS
@@ -70,7 +71,7 @@ from pipeline.manifest import SHARD_SCHEMA, read_manifest, shard_file_table
 from pipeline.methods import Method
 from pipeline.progress import progress
 from pipeline.settings.generate import GenerateSettings
-from pipeline.layout import ADAPTER_WEIGHTS_FILE, EMBEDDINGS_FILE
+from pipeline.layout import EMBEDDINGS_FILE
 from pipeline.tokens import add_tokens_to_pipeline, load_token_file
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def _provenance(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir
         "subset_sha256": file_sha256(subset_path),
         "tokens_sha256": file_sha256(tokens_dir / EMBEDDINGS_FILE) if tokens_dir is not None else None,
         "adapter": str(adapter_dir) if adapter_dir is not None else None,
-        "adapter_sha256": file_sha256(adapter_dir / ADAPTER_WEIGHTS_FILE) if adapter_dir is not None else None,
+        "adapter_sha256": weight_hashes(adapter_dir) if adapter_dir is not None else None,
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         **cpu_numerics(device),
@@ -348,10 +349,10 @@ def _generate_items(settings: GenerateSettings, tokens_dir, adapter_dir, items, 
         settings.model_id, device, dtype, scheduler=settings.scheduler, channels_last=settings.channels_last,
         compile=settings.compile,
     )  # fmt: skip
-    if method.adapter:
-        adapters.load_adapter(pipe, adapter_dir, settings.adapter_prompt)
+    class_adapters = adapters.ClassAdapters(pipe, adapter_dir, settings.adapter_prompt) if method.adapter else None
     checker = sdedit.SafetyChecker(settings.model_id, device, dtype) if settings.safety_checker else None
-    batches = plan_batches(items, resolve_batch_size(settings, pipe, device))
+    # An adapted model is one class's: its batches hold one class each.
+    batches = plan_batches(items, resolve_batch_size(settings, pipe, device), by_class=class_adapters is not None)
     class_names = sorted({item.class_name for item in items})
     class_tokens = add_tokens_to_pipeline(pipe, tokens_dir, class_names) if "tokens" in method.needs else {}
     keys = sorted({item.prompt_key for item in items})
@@ -372,6 +373,8 @@ def _generate_items(settings: GenerateSettings, tokens_dir, adapter_dir, items, 
 
         for count, batch in enumerate(progress(batches, len(batches), desc), 1):
             batch = _loadable(batch, maker, bad, settings.on_bad_image)
+            if class_adapters is not None and batch:
+                class_adapters.use(batch[0].class_name)
             made += len(batch)
             if not batch:
                 outcomes = []

@@ -95,15 +95,19 @@ def resample_seed(settings: GenerateSettings, item: WorkItem, attempt: int) -> i
     return derive_seed(settings.seed, "generate", settings.method, item.image_id, item.j, "resample", attempt)
 
 
-def plan_batches(items: list[WorkItem], batch_size: int) -> list[list[WorkItem]]:
-    """Items grouped by strength (ascending), each group chunked into batches in (image_id, j) order.
+def plan_batches(items: list[WorkItem], batch_size: int, by_class: bool = False) -> list[list[WorkItem]]:
+    """Items grouped by strength (ascending), each group chunked into batches in (image_id, j) order;
+    with `by_class`, grouped by class first (a model adapted per class makes one class at a time).
 
     A method's items either all have a strength or none do (text-to-image): one group then.
     """
     batches = []
-    for strength in sorted({item.strength for item in items}, key=lambda s: -1.0 if s is None else s):
-        group = [item for item in items if item.strength == strength]
-        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    classes = sorted({item.class_name for item in items}) if by_class else [None]
+    for class_name in classes:
+        of_class = [item for item in items if class_name is None or item.class_name == class_name]
+        for strength in sorted({item.strength for item in of_class}, key=lambda s: -1.0 if s is None else s):
+            group = [item for item in of_class if item.strength == strength]
+            batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
     return batches
 
 

@@ -69,6 +69,21 @@ def test_dry_run_plans_every_stage(project):
         assert jobs.get(rule, 0) >= 1, rule
 
 
+def test_dreambooth_adapters_are_planned_only_for_the_methods_that_need_them(project):
+    config = tiny_config()
+    project.write_config(config)
+    assert "dreambooth" not in project.planned_jobs()
+    config["generate"]["methods"] = ["dafusion", "dreambooth", "dreambooth-sdedit"]
+    config["train"]["methods"] = ["baseline", "dreambooth"]
+    project.write_config(config)
+    jobs = project.planned_jobs()
+    assert jobs["dreambooth"] == 1 and jobs["generate"] == 6  # one adapter job per subset; 2 shards x 3 methods
+    commands = shell_commands(project.snakemake("-n", "-p"))
+    adapted = [c for c in commands if "pipeline generate" in c and "--method dreambooth" in c]
+    assert len(adapted) == 4 and all("--adapter results/dreambooth/k1_seed0" in c and "--tokens" not in c for c in adapted)
+    assert all("--adapter" not in c for c in commands if "--method dafusion" in c)
+
+
 def write_class_folders(root, per_class=6):
     for index, class_name in enumerate(["cat", "dog"]):
         (root / class_name).mkdir(parents=True)

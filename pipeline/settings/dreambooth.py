@@ -1,4 +1,4 @@
-"""The dreambooth stage's settings: what a subset's DreamBooth-LoRA adapter depends on."""
+"""The dreambooth stage's settings: what a subset's DreamBooth-LoRA adapters depend on."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ class DreamBoothSettings(StageSettings):
     class_image_guidance: float = at("dreambooth.class_image_guidance")
     prior_loss_weight: float = at("dreambooth.prior_loss_weight")
     rank: int = at("dreambooth.rank")
+    lora_modules: tuple[str, ...] = at("dreambooth.lora_modules")
     learning_rate: float = at("dreambooth.learning_rate")
-    steps_per_class: int = at("dreambooth.steps_per_class")
+    steps: int = at("dreambooth.steps")
     batch_size: int = at("dreambooth.batch_size")
     device: str = at("device", how=True)
     # A resumed run ends bitwise equal to an uninterrupted one.
