@@ -83,6 +83,12 @@ def cmd_dreambooth(args, config):
     train_dreambooth(config, args.subset, args.out)
 
 
+def cmd_erase(args, config):
+    from pipeline.erase import erase_classes
+
+    erase_classes(config, args.classes, args.out)
+
+
 def cmd_merge_tokens(args, config):
     from pipeline.invert import merge_tokens
 
@@ -98,7 +104,8 @@ def cmd_token_samples(args, config):
 def cmd_generate(args, config):
     from pipeline.generate import generate_shard
 
-    generate_shard(config, args.subset, args.tokens, args.method, args.shard, args.num_shards, args.out, adapter_dir=args.adapter)
+    generate_shard(config, args.subset, args.tokens, args.method, args.shard, args.num_shards, args.out,
+                   adapter_dir=args.adapter, erased_dir=args.erased)
 
 
 def cmd_export(args, config):
@@ -188,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="adapter folder (pytorch_lora_weights.safetensors, adapter.json)")
 
+    p = stage("erase", cmd_erase, "ESD-x: erase the task's class names from the UNet (model-centric leakage prevention).")
+    p.add_argument("--classes", type=Path, required=True, help="classes.json of prepare (the task's class names)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (unet_erased.safetensors, erase.json)")
+
     p = stage("merge-tokens", cmd_merge_tokens, "Combine tokens folders (one per class in invert.mode per_class) into one.")
     p.add_argument("--tokens", type=Path, nargs="+", required=True, help="tokens folders, in class order")
     p.add_argument("--out", type=Path, required=True, help="tokens folder to write")
@@ -200,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=Path, required=True)
     p.add_argument("--tokens", type=Path, default=None, help="tokens folder (methods that use learned tokens)")
     p.add_argument("--adapter", type=Path, default=None, help="adapter folder (methods with an adapted model: dreambooth)")
+    p.add_argument("--erased", type=Path, default=None, help="erased model folder (the erase stage; with erase.enabled)")
     p.add_argument("--method", required=True, help="a generate.methods entry, e.g. dafusion, real-guidance, txt2img")
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1)
@@ -241,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Stages whose outputs are data that later stages consume byte for byte: they compute on the config's
 # `cpu_threads`, whatever the job was given (pipeline.device, "CPU threads"). FID and the oracle's
 # scores are measurements printed to a few digits; they keep the job's threads for speed.
-PINNED_THREADS = {cmd_pretrain_demo_model, cmd_train_oracle, cmd_invert, cmd_dreambooth, cmd_token_samples, cmd_generate, cmd_train}
+PINNED_THREADS = {cmd_pretrain_demo_model, cmd_train_oracle, cmd_invert, cmd_dreambooth, cmd_erase, cmd_token_samples, cmd_generate, cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

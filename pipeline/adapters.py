@@ -1,4 +1,5 @@
-"""A subset's adapted-model weights (the dreambooth stage's per-class LoRA adapters) in a generation pipeline.
+"""Changed model weights in a generation pipeline: the erase stage's UNet with the class names erased,
+and a subset's per-class DreamBooth-LoRA adapters.
 
 Apart from the stage that trains them, so that generation's code hash does not cover training code.
 """
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from pipeline import PipelineError, layout
 from pipeline.checkpoint import check_recorded_hashes, weight_hashes
@@ -65,3 +67,24 @@ class ClassAdapters:
         self.pipe.fuse_lora()
         self.pipe.unload_lora_weights()
         self.current = class_name
+
+
+def apply_erasure(pipe, erased_dir: Path) -> dict[str, str]:
+    """Load the erase stage's changed UNet parameters over `pipe`'s; return {file: sha256} of the weights.
+
+    PipelineError naming the file when the folder is not the erase stage's output for this model,
+    or its weights are not the ones it recorded.
+    """
+    info_path = erased_dir / layout.ERASE_INFO_FILE
+    if not info_path.is_file():
+        raise PipelineError(f"erased model folder {erased_dir}: expected {layout.ERASE_INFO_FILE} (the erase stage's output)")
+    check_recorded_hashes(erased_dir, info_path)
+    params = load_file(erased_dir / layout.ERASED_WEIGHTS_FILE)
+    state = pipe.unet.state_dict()
+    unknown = sorted(set(params) - set(state))
+    if unknown:
+        raise PipelineError(f"{erased_dir / layout.ERASED_WEIGHTS_FILE}: parameter {unknown[0]} is not in this model's UNet. Expected the erasure of {read_json(info_path)['model']!r}.")
+    with torch.no_grad():
+        for name, value in params.items():
+            state[name].copy_(value.to(state[name].dtype))
+    return weight_hashes(erased_dir)

@@ -143,7 +143,7 @@ def _check_masks(subset_path: Path, method: Method, rows: list[dict]) -> None:
         )
 
 
-def _check_arguments(settings: GenerateSettings, tokens_dir: Path | None, adapter_dir: Path | None, shard: int, num_shards: int) -> None:
+def _check_arguments(settings: GenerateSettings, tokens_dir, adapter_dir, erased_dir, shard: int, num_shards: int) -> None:
     method = methods.get(settings.method)
     if "tokens" in method.needs and tokens_dir is None:
         raise PipelineError(f"method {method.name!r} prompts with learned class tokens. Expected a tokens folder, got none.")
@@ -151,6 +151,11 @@ def _check_arguments(settings: GenerateSettings, tokens_dir: Path | None, adapte
         raise PipelineError(f"method {method.name!r} generates with the subset's {method.adapter} adapter. Expected an adapter folder, got none.")
     if not method.adapter and adapter_dir is not None:
         raise PipelineError(f"method {method.name!r} uses the base model. Got an adapter folder {adapter_dir}; expected none.")
+    if settings.erased != (erased_dir is not None):
+        raise PipelineError(
+            f"erase.enabled is {str(settings.erased).lower()}: expected {'an erased model folder (the erase stage) ' if settings.erased else 'no erased model folder, '}"
+            f"got {erased_dir if erased_dir is not None else 'none'}."
+        )
     if tokens_dir is not None:
         load_token_file(tokens_dir)  # names a missing or broken file now, before the model loads
     if not 0 <= shard < num_shards:
@@ -158,7 +163,7 @@ def _check_arguments(settings: GenerateSettings, tokens_dir: Path | None, adapte
     MAKERS[method.kind].check(settings)
 
 
-def _provenance(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir, shard, num_shards, device, dtype) -> dict:
+def _provenance(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir, erased_dir, shard, num_shards, device, dtype) -> dict:
     """The shard's key-value metadata, and (as it is) the resume key of its half-finished job:
     the settings' key hashed, what the job read, and what sets the last bits of its pixels."""
     return {
@@ -174,6 +179,8 @@ def _provenance(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir
         "tokens_sha256": file_sha256(tokens_dir / EMBEDDINGS_FILE) if tokens_dir is not None else None,
         "adapter": str(adapter_dir) if adapter_dir is not None else None,
         "adapter_sha256": weight_hashes(adapter_dir) if adapter_dir is not None else None,
+        "erased": str(erased_dir) if erased_dir is not None else None,
+        "erased_sha256": weight_hashes(erased_dir) if erased_dir is not None else None,
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         **cpu_numerics(device),
@@ -249,11 +256,13 @@ def generate_shard(
     num_shards: int,
     out_path: Path,
     adapter_dir: Path | None = None,
+    erased_dir: Path | None = None,
 ) -> dict:
     """Make this shard's synthetic images of the subset with `method`; write them to `out_path`.
 
     `tokens_dir` is the invert stage's folder (methods that prompt with learned tokens), `adapter_dir`
-    the subset's adapted-model folder (methods with an adapter, such as dreambooth), else None.
+    the subset's adapted-model folder (methods with an adapter, such as dreambooth), else None;
+    `erased_dir` the erase stage's folder exactly when erase.enabled.
 
     The only reader of `config`: everything below gets the method's GenerateSettings.
     `out_path` gets one row per synthetic image (pipeline.manifest.SHARD_SCHEMA, sorted by
@@ -265,12 +274,13 @@ def generate_shard(
     subset_path, out_path = Path(subset_path), Path(out_path)
     tokens_dir = Path(tokens_dir) if tokens_dir is not None else None
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
-    _check_arguments(settings, tokens_dir, adapter_dir, shard, num_shards)
+    erased_dir = Path(erased_dir) if erased_dir is not None else None
+    _check_arguments(settings, tokens_dir, adapter_dir, erased_dir, shard, num_shards)
     with output_lock(out_path):
-        return _write_shard(settings, subset_path, tokens_dir, adapter_dir, shard, num_shards, out_path)
+        return _write_shard(settings, subset_path, tokens_dir, adapter_dir, erased_dir, shard, num_shards, out_path)
 
 
-def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir, shard, num_shards, out_path) -> dict:
+def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir, erased_dir, shard, num_shards, out_path) -> dict:
     """generate_shard's work, by the holder of the output's lock: resume, generate, merge."""
     method = settings.method
     rows = _read_subset(subset_path)
@@ -281,7 +291,7 @@ def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_di
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    provenance = _provenance(settings, subset_path, tokens_dir, adapter_dir, shard, num_shards, device, dtype)
+    provenance = _provenance(settings, subset_path, tokens_dir, adapter_dir, erased_dir, shard, num_shards, device, dtype)
     partial = shard_parts.partial_dir(out_path)
     tables = shard_parts.load_partial(partial, provenance)
     done = {sid for table in tables for sid in table.column("synthetic_id").to_pylist()}
@@ -293,7 +303,7 @@ def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_di
     generated = 0
     if todo:
         desc = f"generate {method} shard {shard}/{num_shards}"
-        generated = _generate_items(settings, tokens_dir, adapter_dir, todo, partial, len(tables), device, dtype, desc)
+        generated = _generate_items(settings, tokens_dir, adapter_dir, erased_dir, todo, partial, len(tables), device, dtype, desc)
     parts = sorted(partial.glob("part-*.parquet"))
     tables = [read_parquet(part) for part in parts]
     metadata = [read_metadata(part) for part in parts]
@@ -342,13 +352,15 @@ def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_di
     return summary
 
 
-def _generate_items(settings: GenerateSettings, tokens_dir, adapter_dir, items, partial, first_part, device, dtype, desc) -> int:
+def _generate_items(settings: GenerateSettings, tokens_dir, adapter_dir, erased_dir, items, partial, first_part, device, dtype, desc) -> int:
     """Make `items` in batches, flushing rows to numbered part files in `partial`; return images made."""
     method = methods.get(settings.method)
     pipe = sdedit.load_img2img(
         settings.model_id, device, dtype, scheduler=settings.scheduler, channels_last=settings.channels_last,
         compile=settings.compile,
     )  # fmt: skip
+    if erased_dir is not None:  # before the adapters, which keep the weights they find as their base
+        adapters.apply_erasure(pipe, erased_dir)
     class_adapters = adapters.ClassAdapters(pipe, adapter_dir, settings.adapter_prompt) if method.adapter else None
     checker = sdedit.SafetyChecker(settings.model_id, device, dtype) if settings.safety_checker else None
     # An adapted model is one class's: its batches hold one class each.

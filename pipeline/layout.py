@@ -31,6 +31,9 @@ EXPORT_INDEX = "images.csv"  # an export folder: one row per exported PNG
 # for, and how they were trained (prompts, classes, sha256 of the weights).
 ADAPTER_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER_INFO_FILE = "adapter.json"
+# The erase stage's folder: the UNet parameters it changed, and how (classes, prompt, sha256).
+ERASED_WEIGHTS_FILE = "unet_erased.safetensors"
+ERASE_INFO_FILE = "erase.json"
 
 
 def class_slug(class_name: str) -> str:
@@ -67,6 +70,11 @@ def tokens(results: str, k, trial_seed) -> str:
 def adapter(results: str, kind: str, k, trial_seed) -> str:
     """The folder of a subset's adapted-model weights (kind: one of pipeline.methods.ADAPTERS)."""
     return f"{results}/{kind}/{subset_name(k, trial_seed)}"
+
+
+def erased(results: str) -> str:
+    """The folder of the UNet with the task's class names erased (one per task: every subset uses it)."""
+    return f"{results}/erase"
 
 
 def token_class_dir(tokens_dir, token: str) -> str:

@@ -114,3 +114,17 @@ def needing(need: str, names) -> list[str]:
     if need not in NEEDS:
         raise ValueError(f"unknown need {need!r}; expected one of {sorted(NEEDS)}")
     return [name for name in names if need in get(name).needs]
+
+
+LEAKAGE_MODES = ("none", "data-centric", "model-centric", "both")
+
+
+def leakage_prevention(method: str | None, erased: bool) -> str:
+    """How a synthetic set keeps the model's prior knowledge of the class names out (DA-Fusion
+    section 6.1): "data-centric" when its prompts never name the class (a learned token or no class
+    at all), "model-centric" when it is generated with the names erased from the model, "both", or
+    "none". A real-only training method (`method` None) has no synthetic set: "none"."""
+    if method is None:
+        return "none"
+    data, model = get(method).fill != "class_name", erased
+    return "both" if data and model else "data-centric" if data else "model-centric" if model else "none"

@@ -31,6 +31,7 @@ class Metrics:
     n_synthetic: int | None
     backbone: str | None
     per_class_accuracy: dict[str, float | None]  # None: the class has no test image
+    leakage_prevention: str | None  # pipeline.methods.LEAKAGE_MODES; None in results written before it was recorded
 
     @classmethod
     def read(cls, path: str, method: str, k: int, trial_seed: int) -> Metrics:
@@ -38,7 +39,7 @@ class Metrics:
         return cls(
             method, k, trial_seed, value["dataset"], value["split"], value["accuracy"], value["mean_class_accuracy"],
             value.get("val_accuracy"), value.get("best_step"), value.get("n_train_real"), value.get("n_synthetic"),
-            value.get("backbone"), value.get("per_class_accuracy") or {},
+            value.get("backbone"), value.get("per_class_accuracy") or {}, value.get("leakage_prevention"),
         )  # fmt: skip
 
 

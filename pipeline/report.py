@@ -41,6 +41,7 @@ SUMMARY_COLUMNS = [
     "n_train_real",
     "n_synthetic",
     "backbone",
+    "leakage_prevention",
 ]
 # FID's covariance is rank-deficient below the feature dimension: values are biased upwards.
 FID_RELIABLE_N = 2048
@@ -393,8 +394,10 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     quality = synthetic_quality(fids, methods)
 
     write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS)
+    leakage = {row["method"]: row["leakage_prevention"] for row in rows}
     by_method = [
         {"method": m, "examples_per_class": k, "n_trials": a["n"], "accuracy_mean": a["mean"], "accuracy_ci68": a["ci68"],
+         "leakage_prevention": leakage.get(m),
          "mean_class_accuracy_mean": agg_mca.get((m, k), {}).get("mean"),
          "synthetic_method": quality.get((m, k), {}).get("synthetic_method"),
          "fid_mean": quality.get((m, k), {}).get("fid"), "kid_mean": quality.get((m, k), {}).get("kid")}
@@ -418,6 +421,9 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
         "the number is on the held-out test split.</p>"
     )
     sections.append(accuracy_table(agg, methods, ks, baseline))
+    modes = ", ".join(f"{html.escape(m)}: {html.escape(str(leakage.get(m)))}" for m in methods if m in leakage)
+    sections.append(f'<p class="muted">Leakage prevention (DA-Fusion section 6.1; data-centric: no class name in the prompt, '
+                    f"model-centric: class names erased from the model): {modes}.</p>")
     if quality:
         sections.append("<h2>Accuracy beside the quality of the synthetic images</h2>")
         sections.append(

@@ -102,6 +102,7 @@ def train_classifier(
         "dataset": settings.dataset,
         "method": method,
         "synthetic_method": settings.synthetic_method,
+        "leakage_prevention": settings.leakage_prevention,
         "augmentations": augmentations,
         "recipe": settings.recipe,
         "examples_per_class": data.subset_meta.get("examples_per_class"),

@@ -35,13 +35,17 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd", resolution=RESOLUTION, seed=0)
 
 
-@pytest.fixture(scope="module")
-def subset(tmp_path_factory) -> Path:
-    """Two training images per class and nothing else, as the fewshot stage writes a subset."""
-    path = write_subset(tmp_path_factory.mktemp("data"), {name: 2 for name in CLASSES})
+def write_train_subset(folder: Path, images_per_class: dict[str, int], classes: list[str] = CLASSES) -> Path:
+    """Training images and nothing else, as the fewshot stage writes a subset."""
+    path = write_subset(folder, images_per_class, classes)
     rows, meta = read_manifest(path)
     write_parquet(path, manifest_table([row for row in rows if row["split"] == "train"]), meta)
     return path
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory) -> Path:
+    return write_train_subset(tmp_path_factory.mktemp("data"), {name: 2 for name in CLASSES})
 
 
 def make_config(model: Path, **dreambooth) -> dict:
@@ -151,9 +155,7 @@ def test_training_is_seeded_and_resumes_to_the_same_weights(tiny_model, subset, 
 
 
 def test_a_classs_adapter_does_not_depend_on_the_other_classes(tiny_model, adapter, tmp_path, one_thread):
-    path = write_subset(tmp_path / "data", {"zero": 2}, classes=["zero"])
-    rows, meta = read_manifest(path)
-    write_parquet(path, manifest_table([row for row in rows if row["split"] == "train"]), meta)
+    path = write_train_subset(tmp_path / "data", {"zero": 2}, classes=["zero"])
     db.train_dreambooth(make_config(tiny_model), path, tmp_path / "adapter")
     alone, among_others = load_file(tmp_path / "adapter" / "zero" / layout.ADAPTER_WEIGHTS_FILE), load_file(adapter / "zero" / layout.ADAPTER_WEIGHTS_FILE)
     assert alone.keys() == among_others.keys() and all(torch.equal(alone[k], among_others[k]) for k in alone)

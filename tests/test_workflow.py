@@ -84,6 +84,18 @@ def test_dreambooth_adapters_are_planned_only_for_the_methods_that_need_them(pro
     assert all("--adapter" not in c for c in commands if "--method dafusion" in c)
 
 
+def test_with_erase_enabled_one_erase_job_feeds_every_generation_job(project):
+    config = tiny_config()
+    config["erase"] = {"enabled": True}
+    project.write_config(config)
+    jobs = project.planned_jobs()
+    assert jobs["erase"] == 1 and jobs["generate"] == 2
+    commands = shell_commands(project.snakemake("-n", "-p"))
+    generating = [c for c in commands if "pipeline generate" in c]
+    assert generating and all("--erased results/erase" in c for c in generating)
+    assert any("pipeline erase" in c and "--classes results/prepare/classes.json" in c for c in commands)
+
+
 def write_class_folders(root, per_class=6):
     for index, class_name in enumerate(["cat", "dog"]):
         (root / class_name).mkdir(parents=True)

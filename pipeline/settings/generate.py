@@ -37,6 +37,7 @@ class GenerateSettings(StageSettings):
     txt2img_templates: tuple[str, ...] | None = at("generate.txt2img_templates")
     mask_dilation: int | None = at("generate.mask_dilation")
     adapter_prompt: str | None = at("dreambooth.instance_prompt")  # an adapted model's prompt
+    erased: bool = at("erase.enabled")  # generate with the class names erased from the model
     # Seeds, strengths and prompts do not depend on these, nor pixels on CPU (on GPU a level or
     # two, as kernels sum in batch-dependent orders).
     device: str = at("device", how=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline import PipelineError
+from pipeline import PipelineError, methods
 from pipeline.augment import is_synthetic_only, parse_method
 from pipeline.settings import StageSettings, at
 
@@ -57,6 +57,7 @@ class TrainSettings(StageSettings):
     mixup_alpha: float | None = at("train.mixup_alpha")
     cutmix_alpha: float | None = at("train.cutmix_alpha")
     cutout_scale: tuple[float, float] | None = at("train.cutout_scale")
+    erased: bool | None = at("erase.enabled")  # recorded as the leakage-prevention mode
     # Only to tell a method name's synthetic source from its augmentations: the parsed parts are in the key.
     generation_methods: tuple[str, ...] = at("generate.methods", how=True)
     device: str = at("device", how=True)
@@ -71,7 +72,7 @@ class TrainSettings(StageSettings):
         if is_synthetic_only(method):  # every draw synthetic, whatever the mode
             values.update(dict.fromkeys(MIXING_SETTINGS), mixing=None)
         elif synthetic_method is None:  # real only; the mode is still recorded
-            values.update(dict.fromkeys(MIXING_SETTINGS))
+            values.update(dict.fromkeys(MIXING_SETTINGS), erased=None)
         elif values["two_phase"] is not None:
             values.update(synthetic_probability=None, synthetic_proportion=None)
         else:
@@ -84,6 +85,11 @@ class TrainSettings(StageSettings):
         if values["epochs"] is not None:
             values.update(steps=None, eval_every=None)
         return cls(method, synthetic_method, tuple(augmentations), **values)
+
+    @property
+    def leakage_prevention(self) -> str:
+        """none, data-centric, model-centric or both (pipeline.methods.leakage_prevention)."""
+        return methods.leakage_prevention(self.synthetic_method, bool(self.erased))
 
     @property
     def synthetic_only(self) -> bool:

@@ -32,6 +32,7 @@ from pipeline.checkpoint import check_corpus_disjoint, is_local, model_files, ve
 from pipeline.config import stable_json, validate_config
 from pipeline.hashing import code_hash, value_hash
 from pipeline.settings.dreambooth import DreamBoothSettings
+from pipeline.settings.erase import EraseSettings
 from pipeline.settings.fid import FidFeatureSettings, FidSettings, OracleScoreSettings
 from pipeline.settings.generate import GenerateSettings
 from pipeline.settings.invert import InvertSettings
@@ -156,6 +157,10 @@ def adapter_input(wildcards):
     return layout.adapter(R, adapter, wildcards.k, wildcards.seed) if adapter else []
 
 
+def erased_input(wildcards):
+    return layout.erased(R) if config["erase"]["enabled"] else []
+
+
 def synthetic_shards_for(wildcards):
     """Shards of the train method's synthetic part (none for augmentation-only methods)."""
     synthetic, _ = parse_method(wildcards.method, set(GENERATE_METHODS))
@@ -169,9 +174,9 @@ def report_outputs():
 
 
 def folder_args(wildcards, input):
-    """generate's "--tokens <path>" and "--adapter <path>" for the inputs the method has, quoted, so
-    used as {params.folders} without :q."""
-    return " ".join(f"--{name} {shlex.quote(input[name])}" for name in ("tokens", "adapter") if input.get(name))
+    """generate's "--tokens <path>", "--adapter <path>" and "--erased <path>" for the inputs the job
+    has, quoted, so used as {params.folders} without :q."""
+    return " ".join(f"--{name} {shlex.quote(input[name])}" for name in ("tokens", "adapter", "erased") if input.get(name))
 
 
 def out_dir(wildcards, output):
