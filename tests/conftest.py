@@ -113,3 +113,21 @@ def undeclared_reads(reads: set, *settings_classes) -> set:
     assert leaves, "the stage read no config key at all: the recording did not see its reads"
     # A field may hold a whole section (dataset.demo): reading inside it is declared too.
     return {path for path in leaves if not any(path == d or path.startswith(d + ".") for d in declared)}
+
+
+class CountedCalls:
+    """A stand-in for a function called once per training step: counts the calls and, while
+    `kill_at` is set, raises KeyboardInterrupt on that call (a job killed mid-run)."""
+
+    def __init__(self, real, kill_at: int | None = None):
+        self.real, self.kill_at, self.calls = real, kill_at, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            raise KeyboardInterrupt
+        return self.real(*args)
+
+    def resume(self) -> None:
+        """From now on count afresh and kill nothing (the restarted job)."""
+        self.calls, self.kill_at = 0, None

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import RecordingConfig, undeclared_reads
+from conftest import CountedCalls, RecordingConfig, undeclared_reads
 from test_invert import CLASSES, write_subset
 
 from pipeline import PipelineError, adapters, layout, sdedit
@@ -127,26 +127,18 @@ def test_a_fused_class_adapter_gives_the_unfused_models_output_and_switching_lea
 
 def test_training_is_seeded_and_resumes_to_the_same_weights(tiny_model, subset, adapter, tmp_path, monkeypatch, one_thread):
     config = make_config(tiny_model, checkpoint_every=2)
-    real_target = db._target
-    calls = []
-
-    def killed_in_the_third_class(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_target(*args)
+    step = CountedCalls(db._target, kill_at=5)
 
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(db, "_target", killed_in_the_third_class)
+    monkeypatch.setattr(db, "_target", step)
     with pytest.raises(KeyboardInterrupt):
         db.train_dreambooth(config, subset, resumed)
     assert not resumed.exists(), "nothing half-written at the output"
     assert sorted(p.name for p in db.checkpoint_dir_for(resumed).iterdir()) == ["one.pt", "zero.pt"]
 
-    calls.clear()
-    monkeypatch.setattr(db, "_target", lambda *args: calls.append(1) or real_target(*args))
+    step.resume()
     db.train_dreambooth(config, subset, resumed)
-    assert len(calls) == 2, "the resumed run trains only the class that was not done"
+    assert step.calls == 2, "the resumed run trains only the class that was not done"
     assert not db.checkpoint_dir_for(resumed).exists()
     for slug in SLUGS.values():  # bitwise the fixture's uninterrupted run: checkpointing changes no weight
         ours, theirs = load_file(resumed / slug / layout.ADAPTER_WEIGHTS_FILE), load_file(adapter / slug / layout.ADAPTER_WEIGHTS_FILE)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import RecordingConfig, undeclared_reads
+from conftest import CountedCalls, RecordingConfig, undeclared_reads
 from test_dreambooth import RESOLUTION, unet_output, write_train_subset
 
 from pipeline import PipelineError, adapters, layout, sdedit
@@ -85,25 +85,16 @@ def test_erasing_named_classes_only_and_refusing_unknown_ones(tiny_model, classe
 
 def test_erasure_is_seeded_and_resumes_to_the_same_weights(tiny_model, classes_file, erased, tmp_path, monkeypatch, one_thread):
     config = make_config(tiny_model, checkpoint_every=2)
-    real = es._ddim_towards
-    calls = []
-
-    def killed_at_step_three(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
+    step = CountedCalls(es._ddim_towards, kill_at=3)
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(es, "_ddim_towards", killed_at_step_three)
+    monkeypatch.setattr(es, "_ddim_towards", step)
     with pytest.raises(KeyboardInterrupt):
         es.erase_classes(config, classes_file, resumed)
     assert not resumed.exists()
     assert torch.load(es.checkpoint_dir_for(resumed) / es.CHECKPOINT_FILE, weights_only=True)["step"] == 2
-    calls.clear()
-    monkeypatch.setattr(es, "_ddim_towards", lambda *args: calls.append(1) or real(*args))
+    step.resume()
     es.erase_classes(config, classes_file, resumed)
-    assert len(calls) == 2 and not es.checkpoint_dir_for(resumed).exists()
+    assert step.calls == 2 and not es.checkpoint_dir_for(resumed).exists()
     ours, theirs = load_file(resumed / layout.ERASED_WEIGHTS_FILE), load_file(erased / layout.ERASED_WEIGHTS_FILE)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import RecordingConfig, undeclared_reads
+from conftest import CountedCalls, RecordingConfig, undeclared_reads
 
 from pipeline import PipelineError
 from pipeline import invert as inv
@@ -145,26 +145,17 @@ def test_resume_after_interruption_gives_the_same_result(tiny_model, subset, tmp
     inv.invert_tokens(config, subset, uninterrupted, classes)
 
     # Kill the second class's run at its 3rd step, after its checkpoint at step 2.
-    real_loss = inv._denoising_loss
-    calls = []
-
-    def killed_in_second_run(*args):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real_loss(*args)
-
+    step = CountedCalls(inv._denoising_loss, kill_at=6)
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(inv, "_denoising_loss", killed_in_second_run)
+    monkeypatch.setattr(inv, "_denoising_loss", step)
     with pytest.raises(KeyboardInterrupt):
         inv.invert_tokens(config, subset, resumed, classes)
     assert not resumed.exists()
     assert len(list(inv.checkpoint_dir_for(resumed).glob("*.pt"))) == 2
 
-    calls.clear()
-    monkeypatch.setattr(inv, "_denoising_loss", lambda *args: calls.append(1) or real_loss(*args))
+    step.resume()
     inv.invert_tokens(config, subset, resumed, classes)
-    assert len(calls) == 1, "only the lost step of the second class is redone"
+    assert step.calls == 1, "only the lost step of the second class is redone"
     assert not inv.checkpoint_dir_for(resumed).exists()
 
     _, expected = load_token_file(uninterrupted)
