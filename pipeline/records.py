@@ -59,6 +59,7 @@ class Fid:
     by_strength: dict[str, dict]  # t0 -> {fid, kid, ...}
     feature_extractor: str
     resize: dict
+    per_class: dict[str, dict]  # class -> {fid, kid, n_real, n_synthetic, ...}
 
     @classmethod
     def read(cls, path: str, method: str, k: int, trial_seed: int) -> Fid:
@@ -67,7 +68,7 @@ class Fid:
         return cls(
             method, k, trial_seed, value.get("fid"), value.get("kid"), value.get("kid_std"), value.get("n_real", 0),
             value.get("n_synthetic", 0), floor.get("fid"), value.get("by_strength") or {}, value.get("feature_extractor", ""),
-            value.get("resize") or {},
+            value.get("resize") or {}, value.get("per_class") or {},
         )  # fmt: skip
 
 

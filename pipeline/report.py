@@ -77,6 +77,23 @@ def aggregate(rows: list[dict], value: str = "accuracy") -> dict[tuple[str, int]
     return out
 
 
+def per_class_quality(fid_records: list[Fid], k: int | None) -> dict[str, dict[str, dict]]:
+    """{generation method: {class: {fid, kid}}} at `k` examples per class, means over trial seeds
+    (the Wisconsin study's Table 1 compares its synthetic sets so); classes without a value are absent."""
+    values: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for record in fid_records:
+        if record.examples_per_class != k:
+            continue
+        for name, scores in record.per_class.items():
+            for metric in ("fid", "kid"):
+                if scores.get(metric) is not None:
+                    values[record.method][name][metric].append(float(scores[metric]))
+    return {
+        method: {name: {metric: float(np.mean(v)) if v else None for metric, v in (("fid", m["fid"]), ("kid", m["kid"]))} for name, m in by_class.items()}
+        for method, by_class in values.items()
+    }
+
+
 def synthetic_quality(fid_records: list[Fid], train_methods: list[str]) -> dict[tuple[str, int], dict]:
     """FID and KID of each training method's synthetic source by examples per class, averaged over
     trial seeds: {(train method, k): {"synthetic_method", "fid", "kid", "n"}}; real-only methods are absent."""
@@ -421,7 +438,7 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
         "the number is on the held-out test split.</p>"
     )
     sections.append(accuracy_table(agg, methods, ks, baseline))
-    modes = ", ".join(f"{html.escape(m)}: {html.escape(str(leakage.get(m)))}" for m in methods if m in leakage)
+    modes = ", ".join(f"{html.escape(m)}: {html.escape(leakage.get(m) or 'not recorded')}" for m in methods if m in leakage)
     sections.append(f'<p class="muted">Leakage prevention (DA-Fusion section 6.1; data-centric: no class name in the prompt, '
                     f"model-centric: class names erased from the model): {modes}.</p>")
     if quality:
@@ -467,6 +484,14 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
         sections.append(
             f'<p class="note">Fewer than {FID_RELIABLE_N} images on at least one side: the feature covariance is rank-deficient and '
             "FID is biased upwards; compare KID (unbiased for small sets) and the real-vs-real floor instead.</p>"
+        )
+    class_fid = per_class_quality(fids, ks[-1] if ks else None)
+    if class_fid:
+        sections.append(f"<h3>Per class at k={ks[-1]}: FID / KID, mean over trial seeds</h3>")
+        sections.append(
+            _table(["method"] + classes, [[html.escape(m)] + [
+                f"{_fmt(class_fid[m][c]['fid'], 1)} / {_fmt(class_fid[m][c]['kid'], 3)}" if c in class_fid[m] else "–" for c in classes
+            ] for m in class_fid])  # fmt: skip
         )
 
     if fids:

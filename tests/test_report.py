@@ -64,7 +64,8 @@ def fake_results(tmp_path):
         for k, s in layout.subsets_in(config):
             acc = 0.5 + 0.1 * (m == "dafusion") + 0.05 * s
             value = {"dataset": "demo", "method": m, "examples_per_class": k, "trial_seed": s, "split": "test",
-                     "accuracy": acc, "mean_class_accuracy": acc - 0.01, "per_class_accuracy": {"cat": acc, "dog": acc}}
+                     "accuracy": acc, "mean_class_accuracy": acc - 0.01, "per_class_accuracy": {"cat": acc, "dog": acc},
+                     "leakage_prevention": "data-centric" if m == "dafusion" else "none"}
             path = tmp_path / layout.metrics(str(results), m, k, s)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(value))
@@ -81,7 +82,8 @@ def fake_results(tmp_path):
                      {"class_name": "dog", "token": "<dog>", "prompt": "a photo of a <dog>"}]}))
         path = tmp_path / layout.fid(str(results), "dafusion", k, s)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"fid": 12.5 + k * s, "kid": 0.01, "kid_std": 0.002, "n_real": 2, "n_synthetic": 4}))
+        per_class = {"cat": {"fid": 10.0 + k * s, "kid": 0.01}, "dog": {"fid": 20.0, "kid": 0.02}}
+        path.write_text(json.dumps({"fid": 12.5 + k * s, "kid": 0.01, "kid_std": 0.002, "n_real": 2, "n_synthetic": 4, "per_class": per_class}))
         synthetic = [
             {"synthetic_id": f"s-{n}-{j}", "image_id": f"img-{n}", "label": i, "class_name": n, "method": "dafusion",
              "strength": 0.25 * (j + 1), "seed": j, "prompt": "p", "guidance_scale": 7.5, "num_inference_steps": 5,
@@ -118,6 +120,10 @@ def test_report_tables_and_page(fake_results, tmp_path):
     assert "did the tokens learn?" in page
     assert "randomly initialised" in page  # the tiny-model warning
     assert "Fewer than 2048" in page
+    # The study's Table 1: per-class FID / KID of each synthetic set at the largest k, mean over trial seeds
+    assert "<h3>Per class at k=2: FID / KID" in page and "<td>dafusion</td><td>11.0 / 0.010</td><td>20.0 / 0.020</td>" in page
+    assert "baseline: none, dafusion: data-centric" in page
+    assert [r["leakage_prevention"] for r in rows if r["method"] == "dafusion"] == ["data-centric"] * 4
 
 
 def test_token_samples_grid_labels_each_class_row(fake_results, tmp_path):
