@@ -123,6 +123,7 @@ def add_lora(unet, rank: int, modules: tuple[str, ...], seed: int) -> list[torch
     """
     from peft import LoraConfig
 
+    unet.requires_grad_(False)  # peft freezes the base too; said here, since the optimiser relies on it
     torch.manual_seed(seed)  # peft draws A from the global generator
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(modules)))
     params = [p for p in unet.parameters() if p.requires_grad]
