@@ -143,7 +143,9 @@ def add_class_tokens(components: Components, class_tokens: dict[str, str], init:
     """Add every class's vector tokens to the tokenizer; return their initial vectors [classes * num_vectors, dim].
 
     Rows are in the order of `class_tokens`, `num_vectors` consecutive rows per class, each a copy
-    of the initializer word's embedding (`init`, or the class name when init is "class_name").
+    of the initializer's embedding (`init`, or the class name when init is "class_name"). An
+    initializer of several tokens ("traffic light", "aeroplane" for CLIP's BPE) starts from the mean of
+    their embeddings: the point nearest to all its parts, so a one-vector token can grow towards any.
     """
     tokenizer = components.tokenizer
     vocab = tokenizer.get_vocab()
@@ -158,12 +160,12 @@ def add_class_tokens(components: Components, class_tokens: dict[str, str], init:
             )
         word = class_name if init == "class_name" else init
         ids = tokenizer.encode(word, add_special_tokens=False)
-        if len(ids) != 1:
+        if not ids:
             raise PipelineError(
-                f"invert.init: the initializer word {word!r} (class {class_name!r}) is {len(ids)} tokens "
-                f"{tokenizer.convert_ids_to_tokens(ids)} for the tokenizer of {components.model_id}. Expected a single token."
+                f"invert.init: the initializer {word!r} (class {class_name!r}) is no token at all for the tokenizer "
+                f"of {components.model_id}. Expected a word."
             )
-        rows.append(embedding[ids[0]].detach().float().expand(num_vectors, -1))
+        rows.append(embedding[ids].detach().float().mean(dim=0).expand(num_vectors, -1))
     added = [t for token in class_tokens.values() for t in vector_tokens(token, num_vectors)]
     tokenizer.add_tokens(added)
     ids = tokenizer.convert_tokens_to_ids(added)

@@ -208,12 +208,23 @@ def test_merge_refuses_mixed_settings_and_repeated_classes(tiny_model, subset, t
     assert not (tmp_path / "merged").exists()
 
 
+def test_a_class_name_of_several_tokens_starts_from_the_mean_of_their_embeddings(tiny_model):
+    components = inv.load_components(str(tiny_model), torch.device("cpu"), torch.float32)
+    tokenizer, embedding = components.tokenizer, components.text_encoder.get_input_embeddings().weight
+    parts = tokenizer.encode("pottedplant", add_special_tokens=False)  # a VOC class: pot, ted, plant
+    assert len(parts) == 3
+    initial = inv.add_class_tokens(components, {"pottedplant": "<pottedplant>", "one": "<one>"}, "class_name", 2)
+    torch.testing.assert_close(initial[0], embedding[parts].float().mean(dim=0))
+    assert torch.equal(initial[0], initial[1])  # every vector of the token starts there
+    torch.testing.assert_close(initial[2], embedding[tokenizer.encode("one", add_special_tokens=False)[0]].float())
+
+
 def test_bad_inputs_name_the_class_or_word(tiny_model, tmp_path):
     lonely = write_subset(tmp_path / "data", {"zero": 1, "one": 0, "traffic light": 1})
     with pytest.raises(PipelineError, match=r"no training images for classes \['one'\]"):
         inv.invert_tokens(make_config(tiny_model), lonely, tmp_path / "out")
-    with pytest.raises(PipelineError, match="'traffic light'.*2 tokens"):
-        inv.invert_tokens(make_config(tiny_model, init="class_name"), lonely, tmp_path / "out", ["traffic light"])
+    with pytest.raises(PipelineError, match=r"initializer ' ' \(class 'zero'\) is no token at all"):
+        inv.invert_tokens(make_config(tiny_model, init=" "), lonely, tmp_path / "out", ["zero"])
     with pytest.raises(PipelineError, match="'two'.*not classes"):
         inv.invert_tokens(make_config(tiny_model), lonely, tmp_path / "out", ["two"])
     components, _, _ = loaded_components(tiny_model, {"zero": "<zero>"})
