@@ -453,20 +453,21 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     sections.append(accuracy_table(agg_mca, methods, ks, baseline))
     sections.append(f'<img alt="accuracy vs examples per class" src="{accuracy_plot(agg, methods, ks, dataset)}">')
 
-    sections.append("<h2>Per-class test accuracy (%) at the largest k</h2>")
-    per_class: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    sections.append("<h2>Per-class test accuracy (%)</h2>")
+    sections.append('<p class="muted">Mean over trial seeds, one table per number of examples per class.</p>')
+    per_class: dict[tuple[int, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for m in metrics:
-        if m.examples_per_class == ks[-1]:
-            for name, acc in m.per_class_accuracy.items():
-                if acc is not None:  # None: the class has no test image
-                    per_class[m.method][name].append(acc)
-    if per_class:
-        sections.append(
-            _table(
-                ["method"] + classes,
-                [[html.escape(m)] + [_fmt(100 * float(np.mean(per_class[m][c])), 1) if per_class[m][c] else "–" for c in classes] for m in methods if m in per_class],
-            )
-        )
+        for name, acc in m.per_class_accuracy.items():
+            if acc is not None:  # None: the class has no test image
+                per_class[(m.examples_per_class, m.method)][name].append(acc)
+    for k in ks:
+        table_rows = [
+            [html.escape(m)] + [_fmt(100 * float(np.mean(per_class[(k, m)][c])), 1) if per_class[(k, m)][c] else "–" for c in classes]
+            for m in methods if (k, m) in per_class
+        ]  # fmt: skip
+        if table_rows:
+            sections.append(f"<h3>k={k}</h3>")
+            sections.append(_table(["method"] + classes, table_rows))
 
     sections.append("<h2>Synthetic image quality: FID and KID against real training images</h2>")
     fid_rows, small = [], False

@@ -123,6 +123,9 @@ def test_report_tables_and_page(fake_results, tmp_path):
     # The study's Table 1: per-class FID / KID of each synthetic set at the largest k, mean over trial seeds
     assert "<h3>Per class at k=2: FID / KID" in page and "<td>dafusion</td><td>11.0 / 0.010</td><td>20.0 / 0.020</td>" in page
     assert "baseline: none, dafusion: data-centric" in page
+    per_class_accuracy = page.split("<h2>Per-class test accuracy (%)</h2>")[1].split("<h2>")[0]
+    assert "<h3>k=1</h3>" in per_class_accuracy and "<h3>k=2</h3>" in per_class_accuracy  # every k, not only the largest
+    assert "<td>dafusion</td><td>62.5</td><td>62.5</td>" in per_class_accuracy.split("<h3>k=2</h3>")[1]
     assert [r["leakage_prevention"] for r in rows if r["method"] == "dafusion"] == ["data-centric"] * 4
 
 
