@@ -127,3 +127,21 @@ def test_generation_with_erase_enabled_uses_the_erased_model_and_records_it(tiny
         generate_shard(with_erasure, subset, None, "txt2img", 0, 1, tmp_path / "a.parquet")
     with pytest.raises(PipelineError, match=r"erase\.enabled is false: expected no erased model folder, got .*erase"):
         generate_shard(plain, subset, None, "txt2img", 0, 1, tmp_path / "a.parquet", erased_dir=erased)
+
+
+def test_dreambooth_adapters_go_on_top_of_the_erased_model(tiny_model, erased, subset, tmp_path, one_thread):
+    from pipeline import dreambooth as db
+
+    config = validate_config({**make_config(tiny_model, enabled=True), "generate": {"num_per_image": 1, "num_inference_steps": 4},
+                              "dreambooth": {"steps": 1, "num_class_images": 0, "learning_rate": 1e-2}})  # fmt: skip
+    db.train_dreambooth(config, subset, tmp_path / "adapters")
+    pipe = sdedit.load_img2img(str(tiny_model), torch.device("cpu"), torch.float32)
+    adapters.apply_erasure(pipe, erased)
+    class_adapters = adapters.ClassAdapters(pipe, tmp_path / "adapters", "a photo of sks {}")
+    erased_weights = load_file(erased / layout.ERASED_WEIGHTS_FILE)
+    # The base the adapters are fused onto, and restored to between classes, is the erased model.
+    shared = set(class_adapters.base) & set(erased_weights)
+    assert shared and all(torch.equal(class_adapters.base[name], erased_weights[name]) for name in shared)
+    generate_shard(config, subset, None, "dreambooth", 0, 1, tmp_path / "shard.parquet", adapter_dir=tmp_path / "adapters", erased_dir=erased)
+    meta = read_metadata(tmp_path / "shard.parquet")
+    assert meta["erased_sha256"] == weight_hashes(erased) and meta["adapter_sha256"] == weight_hashes(tmp_path / "adapters")
