@@ -9,7 +9,10 @@ whole image or, by blended-latent inpainting, of only the object or only its bac
 `txt2img` (pure noise, a class-name template drawn per image from `generate.txt2img_templates`,
 images at the model's resolution; it still makes `num_per_image` images per real image, whose
 `image_id` they carry, so that counts match and the train stage can swap a real image for one of
-its synthetic versions). Each module says how its rows reproduce with stock diffusers.
+its synthetic versions). Each module says how its rows reproduce with stock diffusers. A method
+with an adapter (`dreambooth`, `dreambooth-sdedit`) runs on the subset's per-class DreamBooth-LoRA
+adapters, fused into the UNet one class at a time, its batches grouped by class; with
+`erase.enabled` every method runs on the UNet with the class names erased (`pipeline.adapters`).
 
 The job reads nothing of the config but its `GenerateSettings` (pipeline.settings.generate), whose key is
 also the rule's params and the resume key.
