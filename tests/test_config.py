@@ -6,6 +6,7 @@ import yaml
 from pipeline import PipelineError
 from pipeline.augment import parse_method
 from pipeline.config import load_config, validate_config
+from pipeline.settings.train import TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,26 @@ def test_finetune_overlay_keeps_the_dataset_preset(preset):
     assert config["dataset"] == validate_config(base)["dataset"]
     for method in train["methods"]:  # every method of the table can run on the preset's synthetic sets
         parse_method(method, set(config["generate"]["methods"]))
+
+
+@pytest.mark.parametrize(
+    "files",
+    [["pascal.yaml", "recipes/dreambooth.yaml"], ["coco.yaml", "recipes/dreambooth.yaml"],
+     ["../config.yaml", "recipes/dreambooth.yaml", "recipes/dreambooth-demo.yaml"]],
+    ids=["pascal", "coco", "demo"],
+)
+def test_dreambooth_recipes_are_valid_overlays(files):
+    config: dict = {}
+    for name in files:
+        config = _merged(config, yaml.safe_load((REPO / "config" / name).read_text()))
+    config = validate_config(config)
+    assert {"txt2img", "txt2img-token", "dreambooth", "dreambooth-sdedit"} <= set(config["generate"]["methods"])
+    for method in config["train"]["methods"]:
+        TrainSettings.from_config(config, method)  # every training method has its synthetic source generated
+    if "recipes/dreambooth-demo.yaml" in files:
+        assert "conv1" in config["dreambooth"]["lora_modules"] and config["dreambooth"]["num_class_images"] == 0
+    else:
+        assert config["dreambooth"]["lora_modules"] == ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 def test_load_config_reports_missing_file_and_bad_yaml(tmp_path):
