@@ -168,7 +168,7 @@ def _train(settings: DreamBoothSettings, subset_path: Path, out_dir: Path) -> di
         trained[name], losses[name] = run.train(checkpoint_dir / f"{slugs[name]}.pt", fingerprint)
     seconds = time.perf_counter() - started
 
-    prior = settings.num_class_images > 0 and settings.prior_loss_weight > 0
+    prior = settings.prior_preservation
     final = {name: {"instance": _mean_last(losses[name], 0), "prior": _mean_last(losses[name], 1) if prior else None} for name in classes}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -211,7 +211,7 @@ class _ClassRun:
     def __init__(self, pipe, noise_scheduler, settings: DreamBoothSettings, class_name: str, paths: list[Path], seed: int, device, dtype):
         self.pipe, self.noise_scheduler, self.settings, self.class_name = pipe, noise_scheduler, settings, class_name
         self.paths, self.seed, self.device, self.dtype = paths, seed, device, dtype
-        self.prior = settings.num_class_images > 0 and settings.prior_loss_weight > 0
+        self.prior = settings.prior_preservation
 
     def train(self, checkpoint_path: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], list[tuple[float, float]]]:
         """(LoRA weights under diffusers' names, per-step (instance loss, prior loss or nan))."""

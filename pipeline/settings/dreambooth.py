@@ -28,3 +28,8 @@ class DreamBoothSettings(StageSettings):
     device: str = at("device", how=True)
     # A resumed run ends bitwise equal to an uninterrupted one.
     checkpoint_every: int = at("dreambooth.checkpoint_every", how=True)
+
+    @property
+    def prior_preservation(self) -> bool:
+        """Whether the loss has a prior-preservation term (images to draw and a weight above 0)."""
+        return self.num_class_images > 0 and self.prior_loss_weight > 0
