@@ -18,16 +18,15 @@ each from its own seeds, so a class's adapter does not depend on the others.
 
 How it is computed, and why:
 
-* The real images are VAE-encoded once; each step samples a latent from the cached distribution,
-  as `latent_dist.sample()` would. The prior images are drawn by the base model (DPM-Solver++,
-  `class_image_steps` steps, guidance `class_image_guidance`) from seeds of (seed, class, i) alone,
+* The real images are VAE-encoded once into a `finetune.LatentCache`. The prior images are drawn
+  by the base model (DPM-Solver++, `class_image_steps` steps, guidance `class_image_guidance`) from seeds of (seed, class, i) alone,
   so trials share them; as the reference's saved files they are decoded and encoded again, but are
   kept in memory (and in the checkpoint) instead of written out.
 * The frozen text encoder runs once per prompt, not once per step.
 * Every random draw of step s comes from a generator seeded by (seed, trial, class, s), and each
   class's state is saved every `checkpoint_every` steps and when it is done beside the output
-  (`<out>.ckpt/`), so a killed job resumes to bitwise the weights of an uninterrupted one.
-* On CUDA the frozen weights run in half precision under autocast; the LoRA weights and Adam stay fp32.
+  (`<out>.ckpt/`), so a killed job resumes to bitwise the weights of an uninterrupted one. The
+  loop, checkpoints and mixed precision (LoRA weights and Adam in fp32) are `pipeline.finetune`'s.
 
 The output folder holds one folder per class (named by `layout.class_slug`) with
 `pytorch_lora_weights.safetensors` (what `pipe.load_lora_weights(folder)` loads), `adapter.json`
@@ -46,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline import PipelineError, layout, sdedit
+from pipeline import PipelineError, finetune, layout, sdedit
 from pipeline.checkpoint import weight_hashes
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
 from pipeline.hashing import value_hash
@@ -59,13 +58,8 @@ from pipeline.settings.dreambooth import DreamBoothSettings
 log = logging.getLogger(__name__)
 
 STAGE = "dreambooth"
-# AdamW settings of the reference (train_dreambooth_lora.py defaults).
-ADAM_BETAS = (0.9, 0.999)
-ADAM_WEIGHT_DECAY = 1e-2
-ADAM_EPS = 1e-8
 PRIOR_SCHEDULER = "dpm-solver++"
 PRIOR_BATCH = 8
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def checkpoint_dir_for(out_dir: Path) -> Path:
@@ -89,17 +83,6 @@ def _hidden_states(pipe, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _encode(pipe, images, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(means, stds) [n, 4, h, w] of the VAE's latent distributions of PIL `images`, fp32."""
-    means, stds = [], []
-    for image in images:
-        dist = sdedit.encode_source(pipe, image, resolution)
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
-@torch.no_grad()
 def draw_prior_images(pipe, settings: DreamBoothSettings, class_name: str) -> list:
     """`num_class_images` images the base model draws from the class prompt (PIL); image i comes from
     the seed (seed, class, i) alone, so every trial of a task shares them."""
@@ -116,8 +99,8 @@ def draw_prior_images(pipe, settings: DreamBoothSettings, class_name: str) -> li
     return images
 
 
-def add_lora(unet, rank: int, modules: tuple[str, ...], seed: int) -> list[torch.nn.Parameter]:
-    """LoRA layers of `rank` on the UNet's `modules` (name suffixes); returns their (fp32) parameters.
+def add_lora(unet, rank: int, modules: tuple[str, ...], seed: int) -> dict[str, torch.nn.Parameter]:
+    """LoRA layers of `rank` on the UNet's `modules` (name suffixes); returns their (fp32) parameters by name.
 
     Gaussian init of A and zero B (peft's "gaussian"): the adapted UNet starts as the base one.
     """
@@ -126,8 +109,8 @@ def add_lora(unet, rank: int, modules: tuple[str, ...], seed: int) -> list[torch
     unet.requires_grad_(False)  # peft freezes the base too; said here, since the optimiser relies on it
     torch.manual_seed(seed)  # peft draws A from the global generator
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(modules)))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for param in params:
+    params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    for param in params.values():
         param.data = param.data.float()
     return params
 
@@ -215,99 +198,63 @@ class _ClassRun:
 
     def train(self, checkpoint_path: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], list[tuple[float, float]]]:
         """(LoRA weights under diffusers' names, per-step (instance loss, prior loss or nan))."""
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
         settings, pipe, device, dtype = self.settings, self.pipe, self.device, self.dtype
         unet, name = pipe.unet, self.class_name
-        state = None
-        if checkpoint_path.is_file():
-            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-            if state["fingerprint"] != fingerprint:
-                log.warning("ignoring checkpoint %s: it belongs to another configuration", checkpoint_path)
-                state = None
+        checkpoint = finetune.Checkpoint(checkpoint_path, fingerprint)
+        saved = checkpoint.load(device)
         with torch.no_grad():
-            instance_hidden = _hidden_states(pipe, [settings.instance_prompt.format(name)])
-            class_hidden = _hidden_states(pipe, [settings.class_prompt.format(name)])
-            real_mean, real_std = _encode(pipe, [open_image(path) for path in self.paths], settings.resolution)
-            if state is not None:
-                prior_mean, prior_std = state["prior_mean"], state["prior_std"]
+            self.instance_hidden = _hidden_states(pipe, [settings.instance_prompt.format(name)])
+            self.class_hidden = _hidden_states(pipe, [settings.class_prompt.format(name)])
+            self.real = finetune.LatentCache.of([sdedit.encode_source(pipe, open_image(path), settings.resolution) for path in self.paths])
+            if saved is not None:
+                prior = finetune.LatentCache(saved["extra"]["prior_mean"], saved["extra"]["prior_std"])
             elif self.prior:
-                prior_mean, prior_std = _encode(pipe, draw_prior_images(pipe, settings, name), settings.resolution)
+                images = draw_prior_images(pipe, settings, name)
+                prior = finetune.LatentCache.of([sdedit.encode_source(pipe, image, settings.resolution) for image in images])
             else:
-                prior_mean = prior_std = torch.empty(0, device=device)
+                prior = finetune.LatentCache(torch.empty(0, device=device), torch.empty(0, device=device))
+            self.prior_latents = prior
 
         params = add_lora(unet, settings.rank, settings.lora_modules, derive_seed(self.seed, "lora-init"))
-        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        losses: list[tuple[float, float]] = []
-        start, steps = 0, settings.steps
-        if state is not None:
-            set_peft_model_state_dict(unet, state["lora"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            losses, start = [tuple(loss) for loss in state["losses"]], state["step"]
-            log.info("resuming dreambooth of %s at step %d/%d from %s", name, start, steps, checkpoint_path)
-
-        def save_checkpoint(step: int) -> None:
-            checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            saved = {
-                "fingerprint": fingerprint, "step": step, "lora": get_peft_model_state_dict(unet),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "losses": losses,
-                "prior_mean": prior_mean, "prior_std": prior_std,
-            }  # fmt: skip
-            with atomic_path(checkpoint_path) as tmp:
-                torch.save(saved, tmp)
-
-        scaling = pipe.vae.config.scaling_factor
-        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-        batch, latent_shape = settings.batch_size, tuple(real_mean.shape[1:])
+        run = finetune.FineTune(
+            f"dreambooth {name}", params, finetune.adamw(list(params.values()), settings.learning_rate), settings.steps,
+            device, dtype, checkpoint, settings.checkpoint_every, loss_name="instance loss",
+        )  # fmt: skip
         unet.train()
-        for step in progress(range(start, steps), total=steps - start, desc=f"dreambooth {name}"):
-            generator = torch_generator(self.seed, "step", step)
-            rows = torch.randint(len(real_mean), (batch,), generator=generator)
-            eps = torch.randn((batch, *latent_shape), generator=generator).to(device)
-            latents, hidden = real_mean[rows] + real_std[rows] * eps, instance_hidden.expand(batch, -1, -1)
-            if self.prior:
-                rows = torch.randint(len(prior_mean), (batch,), generator=generator)
-                eps = torch.randn((batch, *latent_shape), generator=generator).to(device)
-                latents = torch.cat([latents, prior_mean[rows] + prior_std[rows] * eps])
-                hidden = torch.cat([hidden, class_hidden.expand(batch, -1, -1)])
-            latents = latents * scaling
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            timesteps = torch.randint(num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
-            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-            with autocast:
-                prediction = unet(noisy.to(dtype), timesteps, hidden.to(dtype)).sample.float()
-            target = _target(self.noise_scheduler, latents, noise, timesteps, settings.model_id)
-            instance_loss = F.mse_loss(prediction[:batch], target[:batch])
-            prior_loss = F.mse_loss(prediction[batch:], target[batch:]) if self.prior else torch.zeros((), device=device)
-            loss = instance_loss + settings.prior_loss_weight * prior_loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append((instance_loss.item(), prior_loss.item() if self.prior else float("nan")))
-            done = step + 1
-            if done % 100 == 0:
-                recent = losses[-100:]
-                log.info("dreambooth %s step %d/%d: instance loss %.4f, prior loss %.4f (means of the last 100)", name, done, steps,
-                         sum(r[0] for r in recent) / len(recent), sum(r[1] for r in recent) / len(recent))  # fmt: skip
-            if settings.checkpoint_every and (done % settings.checkpoint_every == 0 or done == steps):
-                save_checkpoint(done)
+        losses = run.run(lambda step: _step_loss(self, step), extra={"prior_mean": prior.mean, "prior_std": prior.std})
         unet.eval()
         weights = {k: v.detach().cpu().clone() for k, v in lora_state(unet).items()}
         unet.delete_adapters("default")
         return weights, losses
 
 
-def _target(scheduler, latents, noise, timesteps, model_id: str) -> torch.Tensor:
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise PipelineError(f"{model_id}: scheduler prediction_type {prediction_type!r} is not supported. Expected epsilon or v_prediction.")
+def _step_loss(run: _ClassRun, step: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Step `step`'s loss, instance + prior_loss_weight * prior, and (instance, prior or nan) to log.
+
+    Its draws, from the generator of (class seed, step): the real images and their latent samples,
+    then the prior images' (with prior preservation), then noise and timesteps for both halves.
+    """
+    settings, device, dtype = run.settings, run.device, run.dtype
+    generator = torch_generator(run.seed, "step", step)
+    batch, latent_shape = settings.batch_size, run.real.latent_shape
+    rows = torch.randint(len(run.real), (batch,), generator=generator)
+    latents = run.real.sample(rows, torch.randn((batch, *latent_shape), generator=generator))
+    hidden = run.instance_hidden.expand(batch, -1, -1)
+    if run.prior:
+        rows = torch.randint(len(run.prior_latents), (batch,), generator=generator)
+        latents = torch.cat([latents, run.prior_latents.sample(rows, torch.randn((batch, *latent_shape), generator=generator))])
+        hidden = torch.cat([hidden, run.class_hidden.expand(batch, -1, -1)])
+    latents = latents * run.pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(run.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+    noisy, target = finetune.noised(run.noise_scheduler, latents, noise, timesteps, settings.model_id)
+    with finetune.autocast(device, dtype):
+        prediction = run.pipe.unet(noisy.to(dtype), timesteps, hidden.to(dtype)).sample.float()
+    instance_loss = F.mse_loss(prediction[:batch], target[:batch])
+    if not run.prior:
+        return instance_loss, (instance_loss.detach(), torch.tensor(float("nan")))
+    prior_loss = F.mse_loss(prediction[batch:], target[batch:])
+    return instance_loss + settings.prior_loss_weight * prior_loss, (instance_loss.detach(), prior_loss.detach())
 
 
 def _mean_last(losses: list[tuple[float, float]], column: int, count: int = 20) -> float:

@@ -35,12 +35,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from pipeline import PipelineError, layout, sdedit
+from pipeline import PipelineError, finetune, layout, sdedit
 from pipeline.checkpoint import weight_hashes
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
 from pipeline.hashing import value_hash
 from pipeline.io import atomic_path, output_lock, read_json, write_json
-from pipeline.progress import progress
 from pipeline.rng import torch_generator
 from pipeline.settings.erase import EraseSettings
 
@@ -91,7 +90,6 @@ def _erase(settings: EraseSettings, classes_file: Path, out_dir: Path) -> dict:
     for param in params:
         param.requires_grad_(True)
         param.data = param.data.float()
-    optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
     sampler = DDIMScheduler.from_config(pipe.scheduler.config)
     sampler.set_timesteps(settings.ddim_steps, device=device)
 
@@ -99,32 +97,23 @@ def _erase(settings: EraseSettings, classes_file: Path, out_dir: Path) -> dict:
         concept = torch.cat([sdedit.encode_prompt(pipe, settings.template.format(name)) for name in classes])
         empty = sdedit.encode_negative_prompt(pipe)
     fingerprint = value_hash({"settings": settings.key(), "classes": classes, **cpu_numerics(device)})
-    checkpoint_path = checkpoint_dir_for(out_dir) / CHECKPOINT_FILE
-    losses: list[tuple[str, float]] = []
-    start = 0
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state["fingerprint"] == fingerprint:
-            with torch.no_grad():
-                for name in names:
-                    trained[name].copy_(state["params"][name])
-            optimizer.load_state_dict(state["optimizer"])
-            losses, start = [tuple(loss) for loss in state["losses"]], state["step"]
-            log.info("resuming erasure at step %d/%d from %s", start, settings.steps, checkpoint_path)
-        else:
-            log.warning("ignoring checkpoint %s: it belongs to another configuration", checkpoint_path)
-
+    checkpoint = finetune.Checkpoint(checkpoint_dir_for(out_dir) / CHECKPOINT_FILE, fingerprint)
+    # ESD's optimiser: Adam without weight decay.
+    run = finetune.FineTune(
+        f"erase {len(classes)} classes", {name: trained[name] for name in names}, torch.optim.Adam(params, lr=settings.learning_rate),
+        settings.steps, device, dtype, checkpoint, settings.checkpoint_every, to_row=lambda r: (float(r[1]), classes[int(r[0])]),
+    )  # fmt: skip
     side = settings.resolution // pipe.vae_scale_factor
     latent_shape = (1, unet.config.in_channels, side, side)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    started = time.perf_counter()
-    for step in progress(range(start, settings.steps), total=settings.steps - start, desc=f"erase {len(classes)} classes"):
+
+    def step_loss(step: int) -> tuple[torch.Tensor, tuple[int, torch.Tensor]]:
+        """ESD-x's loss at step `step`; its draws: the class, where to stop sampling, the start noise."""
         generator = torch_generator(settings.seed, STAGE, "step", step)
         index = int(torch.randint(len(classes), (1,), generator=generator))
         stop = int(torch.randint(settings.ddim_steps, (1,), generator=generator))
         latents = torch.randn(latent_shape, generator=generator).to(device, dtype)
         cond = concept[index : index + 1]
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), finetune.autocast(device, dtype):
             unet.eval()
             latents = _ddim_towards(unet, sampler, latents, cond, empty, settings.start_guidance, stop)
             t = sampler.timesteps[stop]
@@ -132,23 +121,13 @@ def _erase(settings: EraseSettings, classes_file: Path, out_dir: Path) -> dict:
             ep = frozen(latents, t, encoder_hidden_states=cond).sample.float()
         target = e0 - settings.eta * (ep - e0)
         unet.train()
-        with autocast:
+        with finetune.autocast(device, dtype):
             prediction = unet(latents, t, encoder_hidden_states=cond).sample.float()
         loss = F.mse_loss(prediction, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append((classes[index], loss.item()))
-        done = step + 1
-        if done % 100 == 0:
-            recent = [value for _, value in losses[-100:]]
-            log.info("erase step %d/%d: loss %.5f (mean of the last 100)", done, settings.steps, sum(recent) / len(recent))
-        if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
-            checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            saved = {"fingerprint": fingerprint, "step": done, "params": {n: trained[n].detach() for n in names},
-                     "optimizer": optimizer.state_dict(), "losses": losses}  # fmt: skip
-            with atomic_path(checkpoint_path) as tmp:
-                torch.save(saved, tmp)
+        return loss, (index, loss.detach())
+
+    started = time.perf_counter()
+    losses = run.run(step_loss)
     unet.eval()
     seconds = time.perf_counter() - started
 
@@ -158,7 +137,7 @@ def _erase(settings: EraseSettings, classes_file: Path, out_dir: Path) -> dict:
         with (tmp / layout.LOSS_FILE).open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["step", "class", "loss"])
-            writer.writerows((i, name, f"{value:.6f}") for i, (name, value) in enumerate(losses, 1))
+            writer.writerows((i, name, f"{value:.6f}") for i, (value, name) in enumerate(losses, 1))
         write_json(tmp / layout.ERASE_INFO_FILE, {
             "kind": STAGE,
             "method": "ESD-x",
@@ -172,7 +151,7 @@ def _erase(settings: EraseSettings, classes_file: Path, out_dir: Path) -> dict:
         })  # fmt: skip
     shutil.rmtree(checkpoint_dir_for(out_dir), ignore_errors=True)
     log.info("erased %d classes (%s) from %s: %d steps in %.1fs -> %s", len(classes), ", ".join(classes),
-             settings.model_id, settings.steps - start, seconds, out_dir)  # fmt: skip
+             settings.model_id, settings.steps, seconds, out_dir)  # fmt: skip
     return {"out_dir": str(out_dir), "classes": classes, "steps": settings.steps, "seconds": seconds}
 
 

@@ -9,9 +9,8 @@ How this differs from the straightforward loop (diffusers examples/textual_inver
 * The new vectors are a separate fp32 parameter looked up beside the frozen vocabulary
   (`_VocabularyWithNewTokens`), so no other weight can change and the optimizer state covers
   only the new rows instead of the whole 49,408-row embedding matrix.
-* Every training image and its horizontal flip is VAE-encoded once, up front; each step samples
-  its latent from the cached distribution (mean + std * eps), as `latent_dist.sample()` would.
-* On CUDA the frozen models run in half precision under autocast; the vectors and Adam stay fp32.
+* Every training image and its horizontal flip is VAE-encoded once, up front, into a
+  `finetune.LatentCache`; the loop, checkpoints and mixed precision are `pipeline.finetune`'s.
 * Every random draw of step s comes from a generator seeded by (seed, "invert", classes, s), so
   a run resumed from a checkpoint ends bitwise equal to an uninterrupted one.
 """
@@ -31,13 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import PipelineError, layout
+from pipeline import PipelineError, finetune, layout
 from pipeline.checkpoint import verify_if_local
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
 from pipeline.hashing import value_hash
 from pipeline.io import atomic_path, open_image, output_lock, read_json
 from pipeline.manifest import read_manifest, training_images_by_class
-from pipeline.progress import progress
 from pipeline.rng import derive_seed, torch_generator
 from pipeline.settings.invert import InvertSettings
 from pipeline.tokens import (
@@ -52,10 +50,6 @@ from pipeline.tokens import (
 log = logging.getLogger(__name__)
 
 STAGE = "invert"
-# AdamW settings of the reference (diffusers examples/textual_inversion defaults).
-ADAM_BETAS = (0.9, 0.999)
-ADAM_WEIGHT_DECAY = 1e-2
-ADAM_EPS = 1e-8
 FLIP_PROBABILITY = 0.5
 VAE_ENCODE_BATCH = 8
 
@@ -75,11 +69,10 @@ class Components:
 
 
 @dataclass
-class LatentCache:
-    """Latent distributions of the n training images: rows [0, n) as given, rows [n, 2n) mirrored (if flip)."""
+class ClassLatents:
+    """Latents of the n training images: rows [0, n) as given, rows [n, 2n) mirrored (if flip)."""
 
-    mean: torch.Tensor
-    std: torch.Tensor
+    latents: finetune.LatentCache
     class_index: torch.Tensor  # [n], index into the run's classes
     count: int
 
@@ -188,20 +181,16 @@ def _load_pixels(paths: list[Path], resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_latents(components: Components, class_paths: list[list[Path]], resolution: int, flip: bool) -> LatentCache:
+def encode_latents(components: Components, class_paths: list[list[Path]], resolution: int, flip: bool) -> ClassLatents:
     """VAE-encode every image of every class (and its mirror image when `flip`), once."""
     paths = [path for paths in class_paths for path in paths]
     class_index = torch.tensor([c for c, paths in enumerate(class_paths) for _ in paths])
     pixels = _load_pixels(paths, resolution)
     if flip:
         pixels = torch.cat([pixels, pixels.flip(-1)])
-    means, stds = [], []
-    for start in range(0, len(pixels), VAE_ENCODE_BATCH):
-        batch = pixels[start : start + VAE_ENCODE_BATCH].to(components.device, components.dtype)
-        dist = components.vae.encode(batch).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    return LatentCache(torch.cat(means), torch.cat(stds), class_index.to(components.device), len(paths))
+    batches = [pixels[start : start + VAE_ENCODE_BATCH].to(components.device, components.dtype) for start in range(0, len(pixels), VAE_ENCODE_BATCH)]
+    latents = finetune.LatentCache.of([components.vae.encode(batch).latent_dist for batch in batches])
+    return ClassLatents(latents, class_index.to(components.device), len(paths))
 
 
 def _prompt_ids(components: Components, class_tokens: list[str], templates: list[str], num_vectors: int) -> torch.Tensor:
@@ -247,26 +236,17 @@ class _StepDraws:
         }
 
 
-def _denoising_loss(components: Components, cache: LatentCache, prompt_ids: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+def _denoising_loss(components: Components, cache: ClassLatents, prompt_ids: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
     """Noise-prediction MSE of each example of one batch, shape [batch] (epsilon or v target, as the
     checkpoint's scheduler says); training minimises their mean."""
-    device, scheduler = components.device, components.noise_scheduler
+    device = components.device
     draws = {name: value.to(device) for name, value in draws.items()}
     rows = draws["example"] + cache.count * draws["flipped"].long()
-    latents = cache.mean[rows] + cache.std[rows] * draws["latent_eps"]
-    latents = latents * components.vae.config.scaling_factor
-    noise, timesteps = draws["noise"], draws["timestep"]
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise PipelineError(f"{components.model_id}: scheduler prediction_type {prediction_type!r} is not supported. Expected epsilon or v_prediction.")
+    latents = cache.latents.sample(rows, draws["latent_eps"]) * components.vae.config.scaling_factor
+    timesteps = draws["timestep"]
+    noisy, target = finetune.noised(components.noise_scheduler, latents, draws["noise"], timesteps, components.model_id)
     input_ids = prompt_ids[cache.class_index[draws["example"]], draws["template"]]
-    autocast = torch.autocast(device.type, dtype=components.dtype, enabled=components.dtype != torch.float32)
-    with autocast:
+    with finetune.autocast(device, components.dtype):
         hidden = components.text_encoder(input_ids)[0]
         prediction = components.unet(noisy.to(components.dtype), timesteps, hidden.to(components.dtype)).sample
     return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
@@ -298,8 +278,6 @@ def train_token_vectors(
         raise ValueError(f"expected {num_vectors} initial rows for each of {classes}, got {initial.shape[0]} rows")
     vectors = nn.Parameter(initial.to(components.device, torch.float32, copy=True))
     learning_rate = settings.learning_rate * (batch_size if settings.scale_lr else 1)
-    optimizer = torch.optim.AdamW([vectors], lr=learning_rate, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS)
-    scaler = torch.amp.GradScaler(components.device.type, enabled=components.dtype == torch.float16)
     fingerprint = value_hash(
         {
             "model": components.model_id,
@@ -312,67 +290,37 @@ def train_token_vectors(
             **cpu_numerics(components.device),
         }
     )
-    losses: list[tuple[float, dict[str, float]]] = []
-    start = 0
-    if checkpoint_path is not None and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=components.device, weights_only=True)
-        if state["fingerprint"] == fingerprint:
-            with torch.no_grad():
-                vectors.copy_(state["vectors"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            losses, start = list(state["losses"]), state["step"]
-            log.info("resuming textual inversion of %s at step %d/%d from %s", ", ".join(classes), start, steps, checkpoint_path)
-        else:
-            log.warning("ignoring checkpoint %s: it belongs to another configuration", checkpoint_path)
-    if start == steps:
-        return vectors.detach().cpu(), losses
+    checkpoint = finetune.Checkpoint(checkpoint_path, fingerprint) if checkpoint_path is not None else None
+    class_index: list[torch.Tensor] = []  # set once the latents are encoded
+
+    def to_row(record: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, dict[str, float]]:
+        per_example, examples = record[0].float().cpu(), record[1].cpu()
+        example_classes = class_index[0][examples]
+        by_class = {classes[c]: float(per_example[example_classes == c].mean()) for c in example_classes.unique().tolist()}
+        return float(per_example.mean()), by_class
+
+    label = classes[0] if len(classes) == 1 else f"{len(classes)} classes"
+    run = finetune.FineTune(
+        f"invert {label}", {"vectors": vectors}, finetune.adamw([vectors], learning_rate), steps,
+        components.device, components.dtype, checkpoint, settings.checkpoint_every, to_row,
+    )  # fmt: skip
+    if run.finished:
+        return vectors.detach().cpu(), run.rows
 
     cache = encode_latents(components, [class_paths[c] for c in classes], resolution, settings.flip)
+    class_index.append(cache.class_index.cpu())
     prompt_ids = _prompt_ids(components, list(class_tokens.values()), settings.templates, num_vectors)
     draws = _StepDraws(seed, tuple(classes), cache.count, len(settings.templates), batch_size, settings.flip)
-
-    def flush(pending: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Losses of the pending steps to the host: one sync per checkpoint, not per step."""
-        for per_example, examples in pending:
-            per_example = per_example.float().cpu()
-            example_classes = cache.class_index.cpu()[examples.cpu()]
-            by_class = {classes[c]: float(per_example[example_classes == c].mean()) for c in example_classes.unique().tolist()}
-            losses.append((float(per_example.mean()), by_class))
-        pending.clear()
-
-    def save_checkpoint(step: int, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        flush(pending)
-        state = {
-            "fingerprint": fingerprint,
-            "step": step,
-            "vectors": vectors.detach(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "losses": losses,
-        }
-        with atomic_path(checkpoint_path) as tmp:
-            torch.save(state, tmp)
-
-    checkpoint_every = settings.checkpoint_every
-    latent_shape = tuple(cache.mean.shape[1:])
+    latent_shape = cache.latents.latent_shape
     num_train_timesteps = components.noise_scheduler.config.num_train_timesteps
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (per-example losses still on the device, examples)
-    label = classes[0] if len(classes) == 1 else f"{len(classes)} classes"
+
+    def step_loss(step: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        step_draws = draws.draw(step, latent_shape, num_train_timesteps)
+        per_example = _denoising_loss(components, cache, prompt_ids, step_draws)
+        return per_example.mean(), (per_example.detach(), step_draws["example"])
+
     with _new_token_rows(components.text_encoder, vectors, first_new_id):
-        for step in progress(range(start, steps), total=steps - start, desc=f"invert {label}"):
-            step_draws = draws.draw(step, latent_shape, num_train_timesteps)
-            per_example = _denoising_loss(components, cache, prompt_ids, step_draws)
-            loss = per_example.mean()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            pending.append((per_example.detach(), step_draws["example"]))
-            done = step + 1
-            if checkpoint_path is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
-                save_checkpoint(done, pending)
-    flush(pending)
+        losses = run.run(step_loss)
     return vectors.detach().cpu(), losses
 
 

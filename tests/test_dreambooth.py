@@ -127,10 +127,10 @@ def test_a_fused_class_adapter_gives_the_unfused_models_output_and_switching_lea
 
 def test_training_is_seeded_and_resumes_to_the_same_weights(tiny_model, subset, adapter, tmp_path, monkeypatch, one_thread):
     config = make_config(tiny_model, checkpoint_every=2)
-    step = CountedCalls(db._target, kill_at=5)
+    step = CountedCalls(db._step_loss, kill_at=5)
 
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(db, "_target", step)
+    monkeypatch.setattr(db, "_step_loss", step)
     with pytest.raises(KeyboardInterrupt):
         db.train_dreambooth(config, subset, resumed)
     assert not resumed.exists(), "nothing half-written at the output"
