@@ -19,9 +19,9 @@ each from its own seeds, so a class's adapter does not depend on the others.
 How it is computed, and why:
 
 * The real images are VAE-encoded once into a `finetune.LatentCache`. The prior images are drawn
-  by the base model (DPM-Solver++, `class_image_steps` steps, guidance `class_image_guidance`) from seeds of (seed, class, i) alone,
-  so trials share them; as the reference's saved files they are decoded and encoded again, but are
-  kept in memory (and in the checkpoint) instead of written out.
+  by the base model (DPM-Solver++, `class_image_steps` steps, guidance `class_image_guidance`) from
+  seeds of (seed, class, i) alone, so trials share them; as the reference's saved files they are
+  decoded and encoded again, but are kept in memory (and in the checkpoint) instead of written out.
 * The frozen text encoder runs once per prompt, not once per step.
 * Every random draw of step s comes from a generator seeded by (seed, trial, class, s), and each
   class's state is saved every `checkpoint_every` steps and when it is done beside the output
