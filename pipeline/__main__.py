@@ -89,6 +89,18 @@ def cmd_erase(args, config):
     erase_classes(config, args.classes, args.out)
 
 
+def cmd_caption(args, config):
+    from pipeline.captions import caption_subset
+
+    caption_subset(config, args.subset, args.out)
+
+
+def cmd_mvc(args, config):
+    from pipeline.mvc import train_mvc
+
+    train_mvc(config, args.subset, args.captions, args.out, erased_dir=args.erased)
+
+
 def cmd_merge_tokens(args, config):
     from pipeline.invert import merge_tokens
 
@@ -105,7 +117,7 @@ def cmd_generate(args, config):
     from pipeline.generate import generate_shard
 
     generate_shard(config, args.subset, args.tokens, args.method, args.shard, args.num_shards, args.out,
-                   adapter_dir=args.adapter, erased_dir=args.erased)
+                   adapter_dir=args.adapter, erased_dir=args.erased, captions_path=args.captions)
 
 
 def cmd_export(args, config):
@@ -199,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=Path, required=True, help="classes.json of prepare (the task's class names)")
     p.add_argument("--out", type=Path, required=True, help="folder to write (unet_erased.safetensors, erase.json)")
 
+    p = stage("caption", cmd_caption, "Caption every training image of a few-shot subset (caption.captioner), for MVC.")
+    p.add_argument("--subset", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="captions .parquet to write (image_id, class_name, caption)")
+
+    p = stage("mvc", cmd_mvc, "MVC: fine-tune the image-conditioned model on a subset's captioned images.")
+    p.add_argument("--subset", type=Path, required=True)
+    p.add_argument("--captions", type=Path, required=True, help="the caption stage's file of the subset")
+    p.add_argument("--erased", type=Path, default=None, help="erased model folder (the erase stage; with erase.enabled)")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write (a diffusers checkpoint plus mvc.json)")
+
     p = stage("merge-tokens", cmd_merge_tokens, "Combine tokens folders (one per class in invert.mode per_class) into one.")
     p.add_argument("--tokens", type=Path, nargs="+", required=True, help="tokens folders, in class order")
     p.add_argument("--out", type=Path, required=True, help="tokens folder to write")
@@ -210,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("generate", cmd_generate, "SDEdit synthetic images for one shard of a subset into a Parquet shard.")
     p.add_argument("--subset", type=Path, required=True)
     p.add_argument("--tokens", type=Path, default=None, help="tokens folder (methods that use learned tokens)")
-    p.add_argument("--adapter", type=Path, default=None, help="adapter folder (methods with an adapted model: dreambooth)")
+    p.add_argument("--adapter", type=Path, default=None, help="adapter folder (methods with an adapted model: dreambooth, mvc)")
+    p.add_argument("--captions", type=Path, default=None, help="caption file (methods that mix captions: mvc, mvc-pretrained)")
     p.add_argument("--erased", type=Path, default=None, help="erased model folder (the erase stage; with erase.enabled)")
     p.add_argument("--method", required=True, help="a generate.methods entry, e.g. dafusion, real-guidance, txt2img")
     p.add_argument("--shard", type=int, default=0)
@@ -253,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Stages whose outputs are data that later stages consume byte for byte: they compute on the config's
 # `cpu_threads`, whatever the job was given (pipeline.device, "CPU threads"). FID and the oracle's
 # scores are measurements printed to a few digits; they keep the job's threads for speed.
-PINNED_THREADS = {cmd_pretrain_demo_model, cmd_train_oracle, cmd_invert, cmd_dreambooth, cmd_erase, cmd_token_samples, cmd_generate, cmd_train}
+PINNED_THREADS = {cmd_pretrain_demo_model, cmd_train_oracle, cmd_invert, cmd_dreambooth, cmd_erase, cmd_mvc, cmd_caption, cmd_token_samples, cmd_generate, cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

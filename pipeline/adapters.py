@@ -1,5 +1,5 @@
 """Changed model weights in a generation pipeline: the erase stage's UNet with the class names erased,
-and a subset's per-class DreamBooth-LoRA adapters.
+a subset's per-class DreamBooth-LoRA adapters, and the check of a subset's MVC model.
 
 Apart from the stage that trains them, so that generation's code hash does not cover training code.
 """
@@ -88,3 +88,16 @@ def apply_erasure(pipe, erased_dir: Path) -> dict[str, str]:
         for name, value in params.items():
             state[name].copy_(value.to(state[name].dtype))
     return weight_hashes(erased_dir)
+
+
+def is_image_conditioned(unet, vae) -> bool:
+    return unet.config.in_channels == 2 * vae.config.latent_channels
+
+
+def check_mvc_model(model_dir: str | Path) -> None:
+    """An mvc stage folder: its weights must be those its mvc.json records."""
+    model_dir = Path(model_dir)
+    info = model_dir / layout.MVC_INFO_FILE
+    if not info.is_file():
+        raise PipelineError(f"{model_dir}: no {layout.MVC_INFO_FILE}. Expected a folder the mvc stage wrote.")
+    check_recorded_hashes(model_dir, info)

@@ -19,7 +19,10 @@ from torch import nn
 
 from pipeline import PipelineError
 
-BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50", "vit_b_16")
+# torchvision ImageNet classifiers whose last layer is `fc` (ResNets) or `classifier` (EfficientNets);
+# the rest of each network is the trunk. Wide-ResNet-50-2 and EfficientNet-B0/B3 are MVC's classifiers.
+TORCHVISION_HEADS = {"resnet18": "fc", "resnet50": "fc", "wide_resnet50_2": "fc", "efficientnet_b0": "classifier", "efficientnet_b3": "classifier"}
+BACKBONES = ("efficientnet_lite0", *TORCHVISION_HEADS, "vit_b_16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on (pixel - 127) / 128, i.e. [0, 1] images centred at 0.5 and scaled by 0.5.
@@ -63,8 +66,8 @@ def build_backbone(name: str, weights: str, image_size: int) -> Backbone:
         raise PipelineError(f"train.weights: got {weights!r}. Expected 'imagenet' or 'none'.")
     if name == "efficientnet_lite0":
         return _efficientnet_lite0(pretrained=weights == "imagenet")
-    if name in ("resnet18", "resnet50"):
-        return _resnet(name, pretrained=weights == "imagenet")
+    if name in TORCHVISION_HEADS:
+        return _torchvision_trunk(name, pretrained=weights == "imagenet")
     if name == "vit_b_16":
         return _vit_b_16(pretrained=weights == "imagenet", image_size=image_size)
     raise PipelineError(f"train.backbone: got {name!r}. Expected one of {list(BACKBONES)}.")
@@ -84,14 +87,17 @@ def _efficientnet_lite0(pretrained: bool) -> Backbone:
     return Backbone("efficientnet_lite0", _EfficientNetFeatures(model), model._fc.in_features, LITE_MEAN, LITE_STD)
 
 
-def _resnet(name: str, pretrained: bool) -> Backbone:
+def _torchvision_trunk(name: str, pretrained: bool) -> Backbone:
+    """A torchvision classifier with its last layer (`TORCHVISION_HEADS`) replaced by the identity:
+    its pooled features."""
     import torchvision.models as models
 
     weights = models.get_model_weights(name).DEFAULT if pretrained else None
     model = getattr(models, name)(weights=weights)
-    feature_dim = model.fc.in_features
-    model.fc = nn.Identity()
-    return Backbone(name, model, feature_dim, IMAGENET_MEAN, IMAGENET_STD)
+    head = getattr(model, TORCHVISION_HEADS[name])
+    linear = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
+    setattr(model, TORCHVISION_HEADS[name], nn.Identity())
+    return Backbone(name, model, linear.in_features, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _vit_b_16(pretrained: bool, image_size: int) -> Backbone:

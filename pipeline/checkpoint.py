@@ -109,7 +109,8 @@ def verify_checkpoint(model_dir: str | Path) -> None:
 
 def _check_architecture(model_dir: Path) -> None:
     """The components must fit together as SD 1.x's do (text width = cross-attention width, VAE
-    latents = UNet channels), so a folder mixing two models is named before a job loads it."""
+    latents = UNet channels, or twice them for an image-conditioned UNet as MVC's and InstructPix2Pix's),
+    so a folder mixing two models is named before a job loads it."""
     configs = {}
     for name in ("unet", "vae", "text_encoder"):
         try:
@@ -121,6 +122,9 @@ def _check_architecture(model_dir: Path) -> None:
         "unet cross_attention_dim = text_encoder hidden_size": (unet.get("cross_attention_dim"), text.get("hidden_size")),
         "unet in_channels = vae latent_channels": (unet.get("in_channels"), vae.get("latent_channels")),
     }
+    image_conditioned = vae.get("latent_channels") is not None and unet.get("in_channels") == 2 * vae["latent_channels"]
+    if image_conditioned:
+        expected.pop("unet in_channels = vae latent_channels")
     for what, (got, want) in expected.items():
         if got != want:
             raise PipelineError(f"model.id: {model_dir} is not one Stable Diffusion checkpoint: expected {what}, got {got} and {want}")

@@ -64,6 +64,7 @@ import torch
 from PIL import Image
 
 from pipeline import PipelineError, __version__, adapters, methods, sdedit, shard_parts
+from pipeline.captions import read_captions
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
 from pipeline.generate_plan import WorkItem, plan_batches, plan_items, resample_seed, shard_items
 from pipeline.checkpoint import weight_hashes
@@ -146,10 +147,17 @@ def _check_masks(subset_path: Path, method: Method, rows: list[dict]) -> None:
         )
 
 
-def _check_arguments(settings: GenerateSettings, tokens_dir, adapter_dir, erased_dir, shard: int, num_shards: int) -> None:
+def _check_arguments(settings: GenerateSettings, tokens_dir, adapter_dir, erased_dir, captions_path, shard: int, num_shards: int) -> None:
     method = methods.get(settings.method)
     if "tokens" in method.needs and tokens_dir is None:
         raise PipelineError(f"method {method.name!r} prompts with learned class tokens. Expected a tokens folder, got none.")
+    if method.captions != (captions_path is not None):
+        raise PipelineError(f"method {method.name!r} " + ("mixes the subset's captions. Expected a caption file (the caption stage), got none." if method.captions
+                            else f"does not use captions. Got a caption file {captions_path}; expected none."))
+    if captions_path is not None:
+        read_captions(captions_path)  # names a missing or broken file now, before the model loads
+    if method.adapter == "mvc" and adapter_dir is not None:
+        adapters.check_mvc_model(adapter_dir)
     if method.adapter and adapter_dir is None:
         raise PipelineError(f"method {method.name!r} generates with the subset's {method.adapter} adapter. Expected an adapter folder, got none.")
     if not method.adapter and adapter_dir is not None:
@@ -166,7 +174,7 @@ def _check_arguments(settings: GenerateSettings, tokens_dir, adapter_dir, erased
     MAKERS[method.kind].check(settings)
 
 
-def _provenance(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir, erased_dir, shard, num_shards, device, dtype) -> dict:
+def _provenance(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir, erased_dir, captions_path, shard, num_shards, device, dtype) -> dict:
     """The shard's key-value metadata, and (as it is) the resume key of its half-finished job:
     the settings' key hashed, what the job read, and what sets the last bits of its pixels."""
     return {
@@ -184,6 +192,7 @@ def _provenance(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir
         "adapter_sha256": weight_hashes(adapter_dir) if adapter_dir is not None else None,
         "erased": str(erased_dir) if erased_dir is not None else None,
         "erased_sha256": weight_hashes(erased_dir) if erased_dir is not None else None,
+        **({"captions": str(captions_path), "captions_sha256": file_sha256(captions_path)} if captions_path is not None else {}),
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         **cpu_numerics(device),
@@ -224,7 +233,7 @@ def _checked(batch: list[WorkItem], make, checker, settings: GenerateSettings) -
     return [outcomes[item.synthetic_id] for item in batch]
 
 
-def _rows(outcomes: list[Outcome], prompts, settings: GenerateSettings) -> list[dict]:
+def _rows(outcomes: list[Outcome], prompt_of, settings: GenerateSettings) -> list[dict]:
     rows = []
     for outcome in outcomes:
         item, image = outcome.item, outcome.image
@@ -237,7 +246,7 @@ def _rows(outcomes: list[Outcome], prompts, settings: GenerateSettings) -> list[
                 "method": settings.method,
                 "strength": item.strength,
                 "seed": item.seed,
-                "prompt": prompts[item.prompt_key],
+                "prompt": prompt_of(item),
                 "guidance_scale": settings.guidance_scale,
                 "num_inference_steps": settings.num_inference_steps,
                 "model": settings.model_id,
@@ -260,12 +269,14 @@ def generate_shard(
     out_path: Path,
     adapter_dir: Path | None = None,
     erased_dir: Path | None = None,
+    captions_path: Path | None = None,
 ) -> dict:
     """Make this shard's synthetic images of the subset with `method`; write them to `out_path`.
 
     `tokens_dir` is the invert stage's folder (methods that prompt with learned tokens), `adapter_dir`
     the subset's adapted-model folder (methods with an adapter, such as dreambooth), else None;
-    `erased_dir` the erase stage's folder exactly when erase.enabled.
+    `erased_dir` the erase stage's folder exactly when erase.enabled; `captions_path` the caption
+    stage's file of the subset (methods that mix captions, such as mvc).
 
     The only reader of `config`: everything below gets the method's GenerateSettings.
     `out_path` gets one row per synthetic image (pipeline.manifest.SHARD_SCHEMA, sorted by
@@ -278,12 +289,24 @@ def generate_shard(
     tokens_dir = Path(tokens_dir) if tokens_dir is not None else None
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
     erased_dir = Path(erased_dir) if erased_dir is not None else None
-    _check_arguments(settings, tokens_dir, adapter_dir, erased_dir, shard, num_shards)
+    captions_path = Path(captions_path) if captions_path is not None else None
+    _check_arguments(settings, tokens_dir, adapter_dir, erased_dir, captions_path, shard, num_shards)
+    folders = _Folders(tokens_dir, adapter_dir, erased_dir, captions_path)
     with output_lock(out_path):
-        return _write_shard(settings, subset_path, tokens_dir, adapter_dir, erased_dir, shard, num_shards, out_path)
+        return _write_shard(settings, subset_path, folders, shard, num_shards, out_path)
 
 
-def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir, erased_dir, shard, num_shards, out_path) -> dict:
+@dataclass(frozen=True)
+class _Folders:
+    """What a job reads besides the subset and the base model (None where its method needs none)."""
+
+    tokens: Path | None
+    adapter: Path | None
+    erased: Path | None
+    captions: Path | None
+
+
+def _write_shard(settings: GenerateSettings, subset_path, folders: _Folders, shard, num_shards, out_path) -> dict:
     """generate_shard's work, by the holder of the output's lock: resume, generate, merge."""
     method = settings.method
     rows = _read_subset(subset_path)
@@ -294,7 +317,7 @@ def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_di
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    provenance = _provenance(settings, subset_path, tokens_dir, adapter_dir, erased_dir, shard, num_shards, device, dtype)
+    provenance = _provenance(settings, subset_path, folders.tokens, folders.adapter, folders.erased, folders.captions, shard, num_shards, device, dtype)
     partial = shard_parts.partial_dir(out_path)
     tables = shard_parts.load_partial(partial, provenance)
     done = {sid for table in tables for sid in table.column("synthetic_id").to_pylist()}
@@ -306,12 +329,13 @@ def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_di
     generated = 0
     if todo:
         desc = f"generate {method} shard {shard}/{num_shards}"
-        generated = _generate_items(settings, tokens_dir, adapter_dir, erased_dir, todo, partial, len(tables), device, dtype, desc)
+        generated = _generate_items(settings, folders, todo, partial, len(tables), device, dtype, desc)
     parts = sorted(partial.glob("part-*.parquet"))
     tables = [read_parquet(part) for part in parts]
     metadata = [read_metadata(part) for part in parts]
     resamples = {sid: n for meta in metadata for sid, n in meta["resamples"].items()}
     skipped = {image_id: reason for meta in metadata for image_id, reason in meta.get("skipped", {}).items()}
+    conditioning = {sid: record for meta in metadata for sid, record in meta.get("conditioning", {}).items()}
     seconds = time.perf_counter() - start
 
     table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
@@ -327,7 +351,8 @@ def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_di
     write_parquet(
         out_path,
         shard_file_table(table, read_metadata(subset_path)["classes"]),
-        metadata={**provenance, "resamples": dict(sorted(resamples.items())), "skipped": dict(sorted(skipped.items()))},
+        metadata={**provenance, "resamples": dict(sorted(resamples.items())), "skipped": dict(sorted(skipped.items())),
+                  **({"conditioning": dict(sorted(conditioning.items()))} if conditioning else {})},  # fmt: skip
     )
     shutil.rmtree(partial)
 
@@ -355,24 +380,30 @@ def _write_shard(settings: GenerateSettings, subset_path, tokens_dir, adapter_di
     return summary
 
 
-def _generate_items(settings: GenerateSettings, tokens_dir, adapter_dir, erased_dir, items, partial, first_part, device, dtype, desc) -> int:
+def _generate_items(settings: GenerateSettings, folders: _Folders, items, partial, first_part, device, dtype, desc) -> int:
     """Make `items` in batches, flushing rows to numbered part files in `partial`; return images made."""
     method = methods.get(settings.method)
+    # An MVC model is a whole checkpoint, fine-tuned from the erased UNet when erase.enabled.
+    own_model = method.adapter == "mvc"
     pipe = sdedit.load_img2img(
-        settings.model_id, device, dtype, scheduler=settings.scheduler, channels_last=settings.channels_last,
-        compile=settings.compile,
+        str(folders.adapter) if own_model else settings.model_id, device, dtype, scheduler=settings.scheduler,
+        channels_last=settings.channels_last, compile=settings.compile,
     )  # fmt: skip
-    if erased_dir is not None:  # before the adapters, which keep the weights they find as their base
-        adapters.apply_erasure(pipe, erased_dir)
-    class_adapters = adapters.ClassAdapters(pipe, adapter_dir, settings.adapter_prompt) if method.adapter else None
+    if folders.erased is not None and not own_model:  # before the adapters, which keep the weights they find as their base
+        adapters.apply_erasure(pipe, folders.erased)
+    class_adapters = adapters.ClassAdapters(pipe, folders.adapter, settings.adapter_prompt) if method.adapter == "dreambooth" else None
     checker = sdedit.SafetyChecker(settings.model_id, device, dtype) if settings.safety_checker else None
     # An adapted model is one class's: its batches hold one class each.
     batches = plan_batches(items, resolve_batch_size(settings, pipe, device), by_class=class_adapters is not None)
     class_names = sorted({item.class_name for item in items})
-    class_tokens = add_tokens_to_pipeline(pipe, tokens_dir, class_names) if "tokens" in method.needs else {}
-    keys = sorted({item.prompt_key for item in items})
+    class_tokens = add_tokens_to_pipeline(pipe, folders.tokens, class_names) if "tokens" in method.needs else {}
+    # A caption-mixing method makes its own conditioning per image; every other prompts per (template, class).
+    keys = sorted({item.prompt_key for item in items}) if not method.captions else []
     prompts = {key: method.prompt(*key, class_tokens) for key in keys}
-    maker = MAKERS[method.kind](pipe, settings, method)
+    extra = {"captions": read_captions(folders.captions)} if method.captions else {}
+    maker = MAKERS[method.kind](pipe, settings, method, **extra)
+    prompt_of = maker.prompt if method.captions else (lambda item: prompts[item.prompt_key])
+    records = getattr(maker, "records", None)  # per-image conditioning records of makers that keep them
 
     resamples: dict[str, int] = {}
     bad: dict[str, str] = {}  # sources skipped so far: image_id -> why
@@ -384,7 +415,8 @@ def _generate_items(settings: GenerateSettings, tokens_dir, adapter_dir, erased_
         negative_embeds = sdedit.encode_negative_prompt(pipe) if guided else None
 
         def make(batch: list[WorkItem]) -> list[Image.Image]:
-            return maker.make(batch, torch.cat([prompt_embeds[item.prompt_key] for item in batch]), negative_embeds)
+            conditions = torch.cat([prompt_embeds[item.prompt_key] for item in batch]) if prompt_embeds else None
+            return maker.make(batch, conditions, negative_embeds)
 
         for count, batch in enumerate(progress(batches, len(batches), desc), 1):
             batch = _loadable(batch, maker, bad, settings.on_bad_image)
@@ -397,12 +429,15 @@ def _generate_items(settings: GenerateSettings, tokens_dir, adapter_dir, erased_
                 outcomes = [Outcome(item, image, None, 0) for item, image in zip(batch, make(batch))]
             else:
                 outcomes = _checked(batch, make, checker, settings)
-            parts.add(functools.partial(_rows, outcomes, prompts, settings))
+            parts.add(functools.partial(_rows, outcomes, prompt_of, settings))
             resamples.update((o.item.synthetic_id, o.resamples) for o in outcomes if o.resamples)
             if count % settings.flush_every == 0 or count == len(batches):
                 # Every part lists all skips so far: the merged record is the same, whichever parts survive.
-                parts.flush({"resamples": resamples, "skipped": dict(bad)})
+                kept = {"conditioning": dict(records)} if records else {}
+                parts.flush({"resamples": resamples, "skipped": dict(bad), **kept})
                 resamples = {}
+                if records:
+                    records.clear()
     return made
 
 

@@ -29,7 +29,7 @@ class WorkItem:
     class_name: str
     path: str
     mask_path: str | None
-    template: str
+    template: str | None  # None: the method conditions on captions
     strength: float | None  # None: text-to-image
     seed: int
 
@@ -55,10 +55,13 @@ def lowest_strength(settings: GenerateSettings) -> float:
     return settings.strength if settings.strength is not None else 1 / settings.num_intensities
 
 
-def template_for(settings: GenerateSettings, image_id: str, j: int) -> str:
+def template_for(settings: GenerateSettings, image_id: str, j: int) -> str | None:
     """The method's prompt template; text-to-image draws one of generate.txt2img_templates per image,
-    and a method with an adapter prompts as the adapter was trained (dreambooth.instance_prompt)."""
+    a DreamBooth model prompts as it was trained (dreambooth.instance_prompt), and a method that
+    mixes captions has none (None)."""
     method = methods.get(settings.method)
+    if method.captions:
+        return None
     if method.adapter:
         return settings.adapter_prompt
     if not method.draws_template:

@@ -34,6 +34,13 @@ ADAPTER_INFO_FILE = "adapter.json"
 # The erase stage's folder: the UNet parameters it changed, and how (classes, prompt, sha256).
 ERASED_WEIGHTS_FILE = "unet_erased.safetensors"
 ERASE_INFO_FILE = "erase.json"
+# The mvc stage's folder (a whole diffusers checkpoint): how it was fine-tuned and the sha256 of its weights.
+MVC_INFO_FILE = "mvc.json"
+
+
+def captions(results: str, k, trial_seed) -> str:
+    """The caption stage's file of a subset: one caption per training image."""
+    return f"{results}/captions/{subset_name(k, trial_seed)}.parquet"
 
 
 def class_slug(class_name: str) -> str:

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pipeline import PipelineError
 
 # What a method can need besides a subset and the base model. "tokens": the invert stage's learned
-# class tokens; "masks": each source image's object mask (the subset's mask_path); "dreambooth": the
-# dreambooth stage's LoRA adapter of the subset, loaded into the base model.
-NEEDS = frozenset({"tokens", "masks", "dreambooth"})
-ADAPTERS = ("dreambooth",)  # the stages that adapt the model's weights to a subset
+# class tokens; "masks": each source image's object mask (the subset's mask_path); "captions": the
+# caption stage's caption of every training image; "dreambooth": the dreambooth stage's LoRA adapter
+# of the subset, loaded into the base model; "mvc": the mvc stage's image-conditioned model of the
+# subset, loaded instead of the base model.
+NEEDS = frozenset({"tokens", "masks", "captions", "dreambooth", "mvc"})
+ADAPTERS = ("dreambooth", "mvc")  # the stages that adapt the model's weights to a subset
 STARTS = ("source", "noise")  # a source image noised to t0 (SDEdit), or pure noise (text-to-image)
 REGIONS = ("image", "object", "background")  # the part of the source a method re-generates
 FILLS = ("token", "class_name", None)  # what replaces "{}" in the prompt template
@@ -43,6 +45,8 @@ class Method:
     region: str = "image"
     strength: float | None = None  # its own t0; None: generate.strength if set, else drawn from {1/k, ..., k/k}
     adapter: str | None = None  # one of ADAPTERS: generate with the subset's adapted model
+    # Condition on mixed embeddings of the class's captions (MVC's Algorithm 1) instead of a prompt.
+    captions: bool = False
 
     def __post_init__(self):
         if self.start not in STARTS or self.region not in REGIONS or self.fill not in FILLS:
@@ -51,6 +55,8 @@ class Method:
             raise ValueError(f"method {self.name!r} starts from noise: it has no source region or strength")
         if self.adapter not in (None, *ADAPTERS) or (self.adapter and self.template is not None):
             raise ValueError(f"method {self.name!r}: adapter is none of {ADAPTERS}, or it has a template of its own")
+        if self.captions and (self.template is not None or self.fill is not None):
+            raise ValueError(f"method {self.name!r} conditions on captions: it has no template or fill")
 
     @property
     def needs(self) -> frozenset[str]:
@@ -61,11 +67,13 @@ class Method:
             needs.add("masks")
         if self.adapter:
             needs.add(self.adapter)
+        if self.captions:
+            needs.add("captions")
         return frozenset(needs)
 
     @property
     def draws_template(self) -> bool:
-        return self.template is None and self.adapter is None
+        return self.template is None and self.adapter is None and not self.captions
 
     def prompt(self, template: str, class_name: str, class_tokens: dict[str, str]) -> str:
         """The prompt of one image of class `class_name` (`class_tokens`: class name -> its learned token)."""
@@ -82,6 +90,8 @@ METHODS = {
         # DA-Fusion (Trabucco et al., eq. 5 and section 4.2): SDEdit towards the learned class token,
         # t0 drawn per image from {1/k, ..., k/k}.
         Method("dafusion", "img2img", "a photo of a {}", "token"),
+        # DA-Fusion's single-intensity ablation (Fig. 10): the same, every copy at t0 = 0.5.
+        Method("dafusion-fixed-t0", "img2img", "a photo of a {}", "token", strength=0.5),
         # Real Guidance (He et al. 2022): the class name in the prompt, t0 = 0.5.
         Method("real-guidance", "img2img", "a photo of a {}", "class_name", strength=0.5),
         Method("class-agnostic", "img2img", "a photo", None),
@@ -98,6 +108,11 @@ METHODS = {
         Method("dreambooth", "txt2img", None, "class_name", start="noise", adapter="dreambooth"),
         # ... and DA-Fusion's SDEdit, t0 drawn as dafusion's, with that model and prompt.
         Method("dreambooth-sdedit", "img2img", None, "class_name", adapter="dreambooth"),
+        # MVC (Rahat and Venkateswara): from noise with the subset's image-conditioned model, the
+        # source image as conditioning and its caption's embedding mixed with the class's others ...
+        Method("mvc", "mvc", None, None, start="noise", adapter="mvc", captions=True),
+        # ... and its variant for natural images: the same mixed embeddings, text-to-image from the base model.
+        Method("mvc-pretrained", "mvc", None, None, start="noise", captions=True),
     )
 }
 
@@ -126,5 +141,7 @@ def leakage_prevention(method: str | None, erased: bool) -> str:
     "none". A real-only training method (`method` None) has no synthetic set: "none"."""
     if method is None:
         return "none"
-    data, model = get(method).fill != "class_name", erased
+    entry = get(method)
+    # Captions begin with the class name (caption.prefix, "This is an image of {}").
+    data, model = entry.fill != "class_name" and not entry.captions, erased
     return "both" if data and model else "data-centric" if data else "model-centric" if model else "none"

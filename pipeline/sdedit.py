@@ -190,7 +190,7 @@ def _probe_step(pipe, rows: int, side: int) -> None:
         latents = torch.zeros(rows, unet.config.in_channels, side, side, **like)
         text = torch.zeros(rows, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, **like)
         unet(latents, pipe.scheduler.config.num_train_timesteps - 1, encoder_hidden_states=text)
-        pipe.vae.decode(latents[:1])
+        pipe.vae.decode(latents[:1, : pipe.vae.config.latent_channels])
 
 
 def denoising_steps(num_inference_steps: int, strength: float) -> int:
@@ -274,7 +274,7 @@ def txt2img_noise(pipe, resolution: int, generator: torch.Generator) -> torch.Te
     from diffusers.utils.torch_utils import randn_tensor
 
     side = resolution // pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, side, side)
+    shape = (1, pipe.vae.config.latent_channels, side, side)
     return randn_tensor(shape, generator=generator, device=pipe.device, dtype=pipe.unet.dtype)
 
 
@@ -285,22 +285,26 @@ def txt2img(
     negative_embeds: torch.Tensor | None,
     num_inference_steps: int,
     guidance_scale: float,
+    image_latents: torch.Tensor | None = None,
 ) -> list[Image.Image]:
     """Text-to-image from pure noise [B,4,h,w] over the whole schedule, as StableDiffusionPipeline samples.
 
-    The caller holds torch.inference_mode.
+    `image_latents` [B,4,h,w]: for an image-conditioned UNet (MVC, InstructPix2Pix), the conditioning
+    images' latents, concatenated to every UNet input, the unconditional half's too. The caller holds
+    torch.inference_mode.
     """
     scheduler = pipe.scheduler
     scheduler.set_timesteps(num_inference_steps, device=pipe.device)
     latents = noise * scheduler.init_noise_sigma
-    latents = _denoise(pipe, latents, scheduler.timesteps, prompt_embeds, negative_embeds, guidance_scale, None)
+    latents = _denoise(pipe, latents, scheduler.timesteps, prompt_embeds, negative_embeds, guidance_scale, None, image_latents)
     return decode(pipe, latents)
 
 
-def _denoise(pipe, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, inpaint) -> torch.Tensor:
+def _denoise(pipe, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, inpaint, image_latents=None) -> torch.Tensor:
     """Run the scheduler over `timesteps`.
 
-    `inpaint` = (clean, noise, keep) re-imposes the noised source on the kept latents after each step.
+    `inpaint` = (clean, noise, keep) re-imposes the noised source on the kept latents after each step;
+    `image_latents` are concatenated to the UNet's input channels (an image-conditioned UNet).
     """
     scheduler = pipe.scheduler
     batch = latents.shape[0]
@@ -310,6 +314,8 @@ def _denoise(pipe, latents, timesteps, prompt_embeds, negative_embeds, guidance_
     for index, t in enumerate(timesteps):
         model_input = torch.cat([latents] * 2) if negative_embeds is not None else latents
         model_input = scheduler.scale_model_input(model_input, t)
+        if image_latents is not None:
+            model_input = torch.cat([model_input, image_latents.repeat(model_input.shape[0] // batch, 1, 1, 1)], dim=1)
         noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
         if negative_embeds is not None:
             uncond, cond = noise_pred.chunk(2)

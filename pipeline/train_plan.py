@@ -1,7 +1,7 @@
 """The train stage's plan: every draw of a run fixed up front (torch-free).
 
 Training draws real images uniformly with replacement; synthetic images enter by replacing draws, in
-one of three ways, all fixed for the whole run as a `TrainingPlan` (which image, flipped or not,
+one of four ways, all fixed for the whole run as a `TrainingPlan` (which image, flipped or not,
 rotated by which angle, real or synthetic, the seed of its pixel augmentations), so both fitting
 paths (pipeline.train_fit) obey the same plan and results do not depend on the number of
 data-loading workers:
@@ -13,8 +13,13 @@ data-loading workers:
     itself chosen uniformly; the images are taken in a seeded order of the class that does not depend
     on p, so the images swapped at a smaller p are among those swapped at a larger p. p = 0 trains
     exactly like the baseline, p = 1 on synthetic images only (the `+synthetic-only` methods).
-  * train.two_phase {synthetic_steps, real_learning_rate_scale}: the first synthetic_steps steps
-    replace every draw by a synthetic version (alpha = 1), the remaining steps draw real images only.
+  * train.mixing: combined (MVC's "combined"): every draw is uniform over the union of the real
+    images and their synthetic versions: a real image with M versions is replaced with probability
+    M / (M + 1), by one of them chosen uniformly.
+  * train.two_phase {synthetic_steps, real_learning_rate_scale, phase_1}: the first synthetic_steps
+    steps replace every draw by a synthetic version (alpha = 1; phase_1: synthetic, the default) or
+    draw from the union as combined does (phase_1: combined, MVC's two-phase training), the
+    remaining steps draw real images only.
 A real image whose synthetic versions were all flagged nsfw stays real in every mode.
 
 The standard augmentation every method gets (DA-Fusion's): a horizontal flip with probability 1/2
@@ -48,14 +53,15 @@ class Mixing:
     """How synthetic images replace real draws in one run, as the method and train.mixing /
     train.two_phase together decide (see the module docstring)."""
 
-    mode: str  # train.mixing: "probability" or "proportion"
-    probability: float | None  # alpha of probability mode; None in proportion mode and two-phase runs
+    mode: str  # train.mixing: "probability", "proportion" or "combined"
+    probability: float | None  # alpha of probability mode; None in the other modes and two-phase runs
     proportion: float | None  # p of proportion mode; None otherwise
-    two_phase: dict | None  # {"synthetic_steps", "real_learning_rate_scale"} of a two-phase run
+    two_phase: dict | None  # {"synthetic_steps", "real_learning_rate_scale"[, "phase_1"]} of a two-phase run
+    combined: bool = False  # draws uniform over the union of real and synthetic images (combined mode)
 
     @property
     def uses_synthetic(self) -> bool:
-        return bool(self.probability or self.proportion or self.two_phase)
+        return bool(self.probability or self.proportion or self.two_phase or self.combined)
 
 
 @dataclass
@@ -96,6 +102,8 @@ def resolve_mixing(settings: TrainSettings) -> Mixing:
         return Mixing(mode, None, None, dict(settings.two_phase))
     if mode == "proportion":
         return Mixing(mode, None, settings.synthetic_proportion, None)
+    if mode == "combined":
+        return Mixing(mode, None, None, None, combined=True)
     return Mixing(mode, settings.synthetic_probability, None, None)
 
 
@@ -116,8 +124,12 @@ def training_plan(
     if mixing.proportion is not None:
         return draw_proportion_plan(real_labels, synthetic_counts, draws, mixing.proportion, views, shared_rng, method_rng)
     if mixing.two_phase is not None:
-        phase_1_draws = mixing.two_phase["synthetic_steps"] * batch_size
-        probability = (np.arange(draws) < phase_1_draws).astype(np.float64)
+        phase_1 = np.arange(draws) < mixing.two_phase["synthetic_steps"] * batch_size
+        if mixing.two_phase.get("phase_1", "synthetic") == "combined":
+            return draw_plan(len(real_labels), synthetic_counts, draws, 0.0, views, shared_rng, method_rng, union=phase_1)
+        probability = phase_1.astype(np.float64)
+    elif mixing.combined:
+        return draw_plan(len(real_labels), synthetic_counts, draws, 0.0, views, shared_rng, method_rng, union=True)
     else:
         probability = mixing.probability
     return draw_plan(len(real_labels), synthetic_counts, draws, probability, views, shared_rng, method_rng)
@@ -131,10 +143,14 @@ def draw_plan(
     views: tuple[np.ndarray, np.ndarray],
     shared_rng: np.random.Generator,
     method_rng: np.random.Generator,
+    union: bool | np.ndarray = False,
 ) -> TrainingPlan:
     """Draw real images uniformly with replacement; replace each by a uniformly chosen synthetic
     version of it with probability `synthetic_probability` (images without versions stay real).
 
+    Draws where `union` holds (all, or a mask per draw) are replaced with probability M/(M+1) for a
+    real image with M versions instead: uniform over the union of real and synthetic images when
+    every real image has the same number of versions, as generation makes them (num_per_image each).
     `synthetic_probability` is one number, or one per draw (two-phase runs: 1 in phase 1, then 0);
     `views` the (flip, angle_index) of every draw, from `draw_views`.
     Pool layout: real images 0..n_real-1, then the synthetic versions of image i at
@@ -143,7 +159,8 @@ def draw_plan(
     synthetic_counts = np.asarray(synthetic_counts, dtype=np.int64)
     real_index = shared_rng.integers(n_real, size=draws)
     versions = synthetic_counts[real_index]
-    replaced = (method_rng.random(draws) < synthetic_probability) & (versions > 0)
+    probability = np.where(union, versions / (1 + versions), synthetic_probability)
+    replaced = (method_rng.random(draws) < probability) & (versions > 0)
     version = np.floor(method_rng.random(draws) * versions).astype(np.int64)
     return _plan(real_index, views, np.where(replaced, version, -1), synthetic_counts, method_rng)
 

@@ -25,8 +25,8 @@ def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
             assert backbone(torch.rand(2, 3, size, size)).shape == (2, 1280)
 
 
-@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet50", 2048)])
-def test_resnet_features(name, dim):
+@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet50", 2048), ("wide_resnet50_2", 2048), ("efficientnet_b0", 1280), ("efficientnet_b3", 1536)])
+def test_torchvision_trunk_features(name, dim):
     backbone = build_backbone(name, "none", 32).eval()
     assert backbone.feature_dim == dim
     with torch.no_grad():

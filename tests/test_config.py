@@ -96,3 +96,16 @@ def test_workflow_schema_is_the_package_schema():
     workflow_schema = REPO / "workflow" / "schemas" / "config.schema.yaml"
     package_schema = REPO / "pipeline" / "config.schema.yaml"
     assert yaml.safe_load(workflow_schema.read_text()) == yaml.safe_load(package_schema.read_text())
+
+
+@pytest.mark.parametrize(
+    "files", [["experiments/mvc-caltech101.yaml"], ["../config.yaml", "recipes/mvc-demo.yaml"]], ids=["caltech101", "demo"]
+)
+def test_mvc_presets_are_valid_and_every_method_has_its_synthetic_source(files):
+    config: dict = {}
+    for name in files:
+        config = _merged(config, yaml.safe_load((REPO / "config" / name).read_text()))
+    config = validate_config(config)
+    assert "mvc" in config["generate"]["methods"]
+    for method in config["train"]["methods"]:
+        TrainSettings.from_config(config, method)

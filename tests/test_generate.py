@@ -246,6 +246,17 @@ def test_real_guidance_and_class_agnostic_strengths_and_prompts(model_dir, subse
     assert {row["seed"] for row in real}.isdisjoint(row["seed"] for row in agnostic)
 
 
+def test_the_fixed_t0_ablation_is_dafusion_at_one_half_for_every_copy(model_dir, subset):
+    """DA-Fusion's Fig. 10 by its own name: whatever generate.num_intensities says."""
+    rows = read_manifest(subset)[0]
+    fixed = GenerateSettings.from_config(make_config(model_dir, num_intensities=4), "dafusion-fixed-t0")
+    drawn = GenerateSettings.from_config(make_config(model_dir, num_intensities=4), "dafusion")
+    assert fixed.strength == 0.5 and fixed.num_intensities is None
+    assert {item.strength for item in plan_items(fixed, rows)} == {0.5}
+    assert {item.strength for item in plan_items(drawn, rows)} > {0.5}
+    assert {item.template for item in plan_items(fixed, rows)} == {"a photo of a {}"}
+
+
 def crash_on_second_batch(config, subset, tokens_dir, out: Path, monkeypatch) -> int:
     """Run generate_shard on `out` until its second batch fails, leaving the first batch flushed
     (flush_every 1) in `<out>.partial/`; return that batch's size."""

@@ -399,6 +399,24 @@ def test_two_phase_plan_is_synthetic_then_real():
     assert np.array_equal(source, real.pool_index[:12])  # phase 1: a version of the paired real draw
 
 
+def test_combined_draws_are_uniform_over_the_union_of_real_and_synthetic_images():
+    """MVC's combined strategy, alone and as phase 1 of its two-phase training."""
+    counts, labels = np.array([3, 3, 3, 3]), np.array([0, 0, 1, 1])
+    rngs = lambda: (np.random.default_rng(1), np.random.default_rng(2))  # noqa: E731
+    plan = training_plan(Mixing("combined", None, None, None, combined=True), labels, counts, 500, 8, True, 5, *rngs())
+    real = training_plan(Mixing("probability", 0.0, None, None), labels, counts, 500, 8, True, 5, *rngs())
+    assert abs(plan.synthetic.mean() - 0.75) < 0.02  # M / (M + 1) with M = 3
+    union = np.bincount(plan.pool_index, minlength=16) / len(plan.pool_index)
+    assert np.abs(union - 1 / 16).max() < 0.01, "every one of the 4 + 12 images equally often"
+    first_version = np.array([4, 7, 10, 13])
+    source = np.where(plan.synthetic, np.searchsorted(first_version, plan.pool_index, side="right") - 1, plan.pool_index)
+    assert np.array_equal(source, real.pool_index), "paired with the real-only draws"
+
+    two_phase = {"synthetic_steps": 250, "real_learning_rate_scale": 0.1, "phase_1": "combined"}
+    phased = training_plan(Mixing("probability", None, None, two_phase), labels, counts, 500, 8, True, 5, *rngs())
+    assert abs(phased.synthetic[:2000].mean() - 0.75) < 0.03 and not phased.synthetic[2000:].any()
+
+
 def _record_learning_rates(monkeypatch) -> list[list[float]]:
     """Make every training step record the learning rate of each parameter group it runs at."""
     rates: list[list[float]] = []

@@ -96,6 +96,24 @@ def test_with_erase_enabled_one_erase_job_feeds_every_generation_job(project):
     assert any("pipeline erase" in c and "--classes results/prepare/classes.json" in c for c in commands)
 
 
+def test_mvc_plans_captions_and_one_fine_tune_per_subset_and_starts_it_from_the_erased_model(project):
+    config = tiny_config()
+    config["generate"]["methods"] = ["dafusion", "mvc", "mvc-pretrained"]
+    config["train"]["methods"] = ["baseline", "mvc"]
+    project.write_config(config)
+    jobs = project.planned_jobs()
+    assert jobs["caption"] == 1 and jobs["mvc"] == 1 and jobs["generate"] == 6
+    commands = shell_commands(project.snakemake("-n", "-p"))
+    mixing = [c for c in commands if "pipeline generate" in c and "--method mvc" in c]
+    assert len(mixing) == 4 and all("--captions results/captions/k1_seed0.parquet" in c for c in mixing)
+    assert sum("--adapter results/mvc/k1_seed0" in c for c in mixing) == 2, "mvc-pretrained uses the base model"
+    assert all("--captions" not in c for c in commands if "--method dafusion" in c)
+    config["erase"] = {"enabled": True}
+    project.write_config(config)
+    commands = shell_commands(project.snakemake("-n", "-p"))
+    assert any("pipeline mvc" in c and "--erased results/erase" in c for c in commands)
+
+
 def write_class_folders(root, per_class=6):
     for index, class_name in enumerate(["cat", "dog"]):
         (root / class_name).mkdir(parents=True)

@@ -13,7 +13,8 @@ class GenerateSettings(StageSettings):
     """A setting the method cannot use is None (and so out of its key): `strength` and
     `num_intensities` for text-to-image, `num_intensities` for a fixed t0, `txt2img_templates` for
     a method with its own prompt, `mask_dilation` for one that re-generates the whole image,
-    `adapter_prompt` for one without an adapted model.
+    `adapter_prompt` for one without a DreamBooth model, `coarse_swaps` and `fine_swaps` for one that
+    does not mix caption embeddings.
     Editing generate.txt2img_templates therefore reruns the txt2img shards only.
     """
 
@@ -37,6 +38,8 @@ class GenerateSettings(StageSettings):
     txt2img_templates: tuple[str, ...] | None = at("generate.txt2img_templates")
     mask_dilation: int | None = at("generate.mask_dilation")
     adapter_prompt: str | None = at("dreambooth.instance_prompt")  # an adapted model's prompt
+    coarse_swaps: int | None = at("mvc.coarse_swaps")  # MVC's P and Q of a caption-mixing method
+    fine_swaps: int | None = at("mvc.fine_swaps")
     erased: bool = at("erase.enabled")  # generate with the class names erased from the model
     # Seeds, strengths and prompts do not depend on these, nor pixels on CPU (on GPU a level or
     # two, as kernels sum in batch-dependent orders).
@@ -56,6 +59,8 @@ class GenerateSettings(StageSettings):
             values["txt2img_templates"] = None
         if spec.region == "image":
             values["mask_dilation"] = None
-        if spec.adapter is None:
+        if spec.adapter != "dreambooth":
             values["adapter_prompt"] = None
+        if not spec.captions:
+            values.update(coarse_swaps=None, fine_swaps=None)
         return cls(method=method, **values)

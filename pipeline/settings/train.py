@@ -76,7 +76,8 @@ class TrainSettings(StageSettings):
         elif values["two_phase"] is not None:
             values.update(synthetic_probability=None, synthetic_proportion=None)
         else:
-            values["synthetic_proportion" if values["mixing"] == "probability" else "synthetic_probability"] = None
+            unused = {"probability": ["synthetic_proportion"], "proportion": ["synthetic_probability"]}
+            values.update(dict.fromkeys(unused.get(values["mixing"], ["synthetic_probability", "synthetic_proportion"])))
         for augmentation, names in AUGMENTATION_SETTINGS.items():
             if augmentation not in augmentations:
                 values.update(dict.fromkeys(names))
@@ -105,7 +106,7 @@ def check_mixing(mode: str, two_phase: dict | None, steps: int | None) -> None:
         return
     if mode != "probability":
         raise PipelineError(
-            f"train.two_phase: phase 1 draws only synthetic images and phase 2 only real ones, which leaves "
+            f"train.two_phase: its phases say what each draws from (phase 2 only real images), which leaves "
             f"nothing for train.mixing to decide. Got train.mixing: {mode}. Expected train.mixing: probability "
             "(the default) with train.two_phase, or train.two_phase: null."
         )

@@ -31,11 +31,13 @@ from pipeline.augment import parse_method
 from pipeline.checkpoint import check_corpus_disjoint, is_local, model_files, verify_if_local
 from pipeline.config import stable_json, validate_config
 from pipeline.hashing import code_hash, value_hash
+from pipeline.settings.caption import CaptionSettings
 from pipeline.settings.dreambooth import DreamBoothSettings
 from pipeline.settings.erase import EraseSettings
 from pipeline.settings.fid import FidFeatureSettings, FidSettings, OracleScoreSettings
 from pipeline.settings.generate import GenerateSettings
 from pipeline.settings.invert import InvertSettings
+from pipeline.settings.mvc import MVCSettings
 from pipeline.settings.prepare import DemoDatasetSettings, FewshotSettings, PrepareSettings, TinyModelSettings
 from pipeline.settings.report import ReportSettings
 from pipeline.settings.token_samples import TokenSampleSettings
@@ -157,6 +159,12 @@ def adapter_input(wildcards):
     return layout.adapter(R, adapter, wildcards.k, wildcards.seed) if adapter else []
 
 
+def captions_input(wildcards):
+    if "captions" in methods.get(wildcards.method).needs:
+        return layout.captions(R, wildcards.k, wildcards.seed)
+    return []
+
+
 def erased_input(wildcards):
     return layout.erased(R) if config["erase"]["enabled"] else []
 
@@ -174,9 +182,9 @@ def report_outputs():
 
 
 def folder_args(wildcards, input):
-    """generate's "--tokens <path>", "--adapter <path>" and "--erased <path>" for the inputs the job
-    has, quoted, so used as {params.folders} without :q."""
-    return " ".join(f"--{name} {shlex.quote(input[name])}" for name in ("tokens", "adapter", "erased") if input.get(name))
+    """generate's "--tokens <path>", "--adapter <path>", "--erased <path>" and "--captions <path>" for
+    the inputs the job has, quoted, so used as {params.folders} without :q."""
+    return " ".join(f"--{name} {shlex.quote(input[name])}" for name in ("tokens", "adapter", "erased", "captions") if input.get(name))
 
 
 def out_dir(wildcards, output):

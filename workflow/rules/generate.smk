@@ -8,12 +8,13 @@ rule generate:
         tokens=tokens_input,
         adapter=adapter_input,
         erased=erased_input,
+        captions=captions_input,
     output:
         layout.shard(R, "{method}", "{k}", "{seed}", "{shard}", "{total}"),
     params:
         # The method's GenerateSettings: batch size, flush interval and device are not in its key.
         **settings_params(GenerateSettings, "pipeline.generate", "method"),
-        folders=folder_args,  # "--tokens <quoted path>", "--adapter ...", "--erased ...", or nothing
+        folders=folder_args,  # "--tokens <quoted path>", "--adapter ...", "--erased ...", "--captions ...", or nothing
     log:
         log_path("generate", f"{{method}}/{SUBSET}/shard-{{shard}}-of-{{total}}"),
     benchmark:

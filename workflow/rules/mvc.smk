@@ -1,0 +1,43 @@
+# caption and mvc: MVC (pipeline/captions.py, pipeline/mvc.py), for the generation methods that mix
+# captions (methods.py: captions=True); no job when none is configured. The caption stage needs a GPU
+# only for BLIP-2. A resumed mvc run ends bitwise equal to an uninterrupted one.
+
+
+rule caption:
+    input:
+        subset=layout.subset(R, "{k}", "{seed}"),
+        csv=[config["caption"]["csv"]] if config["caption"]["captioner"] == "csv" else [],
+    output:
+        layout.captions(R, "{k}", "{seed}"),
+    params:
+        **settings_params(CaptionSettings, "pipeline.captions"),
+    log:
+        log_path("caption", SUBSET),
+    threads: config["cpu_threads"]
+    resources:
+        gpu=1 if config["caption"]["captioner"] == "blip2" else 0,
+    shell:
+        "python -m pipeline caption --config {CONFIG_FILE} --subset {input.subset:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule mvc:
+    input:
+        model_input(),
+        subset=layout.subset(R, "{k}", "{seed}"),
+        captions=layout.captions(R, "{k}", "{seed}"),
+        erased=erased_input,
+    output:
+        directory(layout.adapter(R, "mvc", "{k}", "{seed}")),
+    params:
+        **settings_params(MVCSettings, "pipeline.mvc"),
+        erased=lambda wildcards, input: f"--erased {shlex.quote(input.erased)}" if input.erased else "",
+    log:
+        log_path("mvc", SUBSET),
+    benchmark:
+        benchmark_path("mvc", SUBSET)
+    threads: config["cpu_threads"]
+    resources:
+        gpu=1,
+    shell:
+        "python -m pipeline mvc --config {CONFIG_FILE} --subset {input.subset:q} --captions {input.captions:q}"
+        " {params.erased} --out {output:q} > {log:q} 2>&1"
