@@ -8,9 +8,11 @@ import pytest
 
 from pipeline import PipelineError, methods
 from pipeline.config import validate_config
+from pipeline.settings.caption import CaptionSettings
 from pipeline.settings.fid import FidFeatureSettings, FidSettings, OracleScoreSettings
 from pipeline.settings.generate import GenerateSettings
 from pipeline.settings.invert import InvertSettings
+from pipeline.settings.mvc import MVCSettings
 from pipeline.settings.prepare import DemoDatasetSettings, FewshotSettings, PrepareSettings, TinyModelSettings
 from pipeline.settings.report import ReportSettings
 from pipeline.settings.token_samples import TokenSampleSettings
@@ -18,7 +20,7 @@ from pipeline.settings.train import TrainSettings
 
 # Settings that take nothing from the job; GenerateSettings and TrainSettings take the method.
 PLAIN = [FidFeatureSettings, FidSettings, OracleScoreSettings, InvertSettings, DemoDatasetSettings, FewshotSettings,
-         PrepareSettings, ReportSettings, TinyModelSettings, TokenSampleSettings]
+         PrepareSettings, ReportSettings, TinyModelSettings, TokenSampleSettings, CaptionSettings, MVCSettings]
 
 
 def key(method: str, **generate) -> dict:
@@ -43,6 +45,21 @@ def test_how_a_job_runs_is_not_in_its_key():
 def test_a_setting_is_in_the_key_of_exactly_the_methods_it_can_change(setting, changes):
     changed = {name for name in methods.METHODS if key(name, **setting) != key(name)}
     assert changed == changes
+
+
+@pytest.mark.parametrize(
+    ("section", "changes"),
+    [
+        ({"mvc": {"coarse_swaps": 3}}, {"mvc", "mvc-pretrained"}),
+        ({"mvc": {"steps": 7}}, set()),  # the mvc model's own setting: its folder's hash, not the method's key
+        ({"dreambooth": {"instance_prompt": "a drawing of sks {}"}}, {"dreambooth", "dreambooth-sdedit"}),
+    ],
+)
+def test_another_stages_setting_is_in_the_key_of_exactly_the_methods_that_use_it(section, changes):
+    def stage_key(name: str, config: dict) -> dict:
+        return GenerateSettings.from_config(validate_config(config), name).key()
+
+    assert {name for name in methods.METHODS if stage_key(name, section) != stage_key(name, {})} == changes
 
 
 def test_a_fixed_strength_is_the_methods_own_and_leaves_k_out():
