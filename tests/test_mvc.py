@@ -223,6 +223,27 @@ def test_fine_tune_is_seeded_and_resumes_to_the_same_weights(tiny_model, subset,
     assert (resumed / layout.LOSS_FILE).read_text() == (uninterrupted / layout.LOSS_FILE).read_text()
 
 
+def test_the_fine_tune_starts_from_the_erased_unet(tiny_model, subset, caption_file, tmp_path, one_thread):
+    """With erase.enabled the mvc model is fine-tuned from the erased UNet, so its images are generated
+    with the class names erased like every other method's."""
+    from safetensors.torch import load_file
+
+    from pipeline import erase
+    from test_generate import CLASSES
+
+    classes = tmp_path / layout.CLASSES_FILE
+    classes.write_text(json.dumps(CLASSES))
+    erase.erase_classes(make_config(tiny_model, erase={"steps": 2, "ddim_steps": 2, "learning_rate": 1e-2}), classes, tmp_path / "erase")
+    erased = load_file(tmp_path / "erase" / layout.ERASED_WEIGHTS_FILE)
+    # A step of Adam moves each weight by about the learning rate: at 1e-12 the model is its start.
+    mvc.train_mvc(make_config(tiny_model, mvc={"steps": 1, "learning_rate": 1e-12}), subset, caption_file, tmp_path / "m", erased_dir=tmp_path / "erase")
+    unet = load_file(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(unet[name], value, atol=1e-6) for name, value in erased.items())
+    base = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.allclose(base[name], value, atol=1e-6) for name, value in erased.items())
+    assert json.loads((tmp_path / "m" / layout.MVC_INFO_FILE).read_text())["erased"] == str(tmp_path / "erase")
+
+
 def test_the_stage_reads_only_its_settings(tiny_model, subset, caption_file, tmp_path, one_thread):
     reads: set = set()
     mvc.train_mvc(RecordingConfig(make_config(tiny_model, mvc={"steps": 1}), reads), subset, caption_file, tmp_path / "m")
