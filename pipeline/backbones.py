@@ -22,7 +22,13 @@ from pipeline import PipelineError
 # torchvision ImageNet classifiers whose last layer is `fc` (ResNets) or `classifier` (EfficientNets);
 # the rest of each network is the trunk. Wide-ResNet-50-2 and EfficientNet-B0/B3 are MVC's classifiers.
 TORCHVISION_HEADS = {"resnet18": "fc", "resnet50": "fc", "wide_resnet50_2": "fc", "efficientnet_b0": "classifier", "efficientnet_b3": "classifier"}
-BACKBONES = ("efficientnet_lite0", *TORCHVISION_HEADS, "vit_b_16")
+# Wide ResNets for 32 px images trained from scratch (Zagoruyko and Komodakis 2016), MVC's CIFAR
+# classifiers: name -> (depth, width factor). No ImageNet weights exist for them.
+WIDE_RESNETS = {"wrn_28_2": (28, 2), "wrn_28_10": (28, 10)}
+BACKBONES = ("efficientnet_lite0", *TORCHVISION_HEADS, *WIDE_RESNETS, "vit_b_16")
+# CIFAR-10's per-channel mean and std, the usual input scale of a WRN trained from scratch.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on (pixel - 127) / 128, i.e. [0, 1] images centred at 0.5 and scaled by 0.5.
@@ -70,6 +76,12 @@ def build_backbone(name: str, weights: str, image_size: int) -> Backbone:
         return _torchvision_trunk(name, pretrained=weights == "imagenet")
     if name == "vit_b_16":
         return _vit_b_16(pretrained=weights == "imagenet", image_size=image_size)
+    if name in WIDE_RESNETS:
+        if weights != "none":
+            raise PipelineError(f"train.weights: got {weights!r} for backbone {name}, which has no pretrained weights. Expected 'none' (trained from scratch).")
+        depth, width = WIDE_RESNETS[name]
+        trunk = WideResNet(depth, width)
+        return Backbone(name, trunk, trunk.feature_dim, CIFAR_MEAN, CIFAR_STD)
     raise PipelineError(f"train.backbone: got {name!r}. Expected one of {list(BACKBONES)}.")
 
 
@@ -120,6 +132,47 @@ def _vit_b_16(pretrained: bool, image_size: int) -> Backbone:
     # that inputs are on the same scale whatever train.weights says.
     preprocessing = checkpoint.transforms()
     return Backbone("vit_b_16", model, model.hidden_dim, tuple(preprocessing.mean), tuple(preprocessing.std))
+
+
+class _WideBlock(nn.Module):
+    """A pre-activation residual block of two 3x3 convolutions (BN-ReLU-conv, twice)."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(channels_in), nn.BatchNorm2d(channels_out)
+        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, 1, 1, bias=False)
+        same = channels_in == channels_out and stride == 1
+        self.shortcut = None if same else nn.Conv2d(channels_in, channels_out, 1, stride, 0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = torch.relu(self.bn1(x))
+        out = self.conv2(torch.relu(self.bn2(self.conv1(activated))))
+        return out + (x if self.shortcut is None else self.shortcut(activated))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width: a 16-channel stem, three groups of (depth - 4) / 6 blocks of 16, 32 and 64
+    times `width` channels (strides 1, 2, 2), BN-ReLU and global average pooling: features [B, 64 * width]."""
+
+    def __init__(self, depth: int, width: int):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"a WRN's depth is 6n + 4; got {depth}")
+        blocks, channels = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)]
+        for group, stride in enumerate((1, 2, 2)):
+            for i in range(blocks):
+                layers.append(_WideBlock(channels[group] if i == 0 else channels[group + 1], channels[group + 1], stride if i == 0 else 1))
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(channels[-1])
+        self.feature_dim = channels[-1]
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.layers(images))).mean(dim=(2, 3))
 
 
 class Classifier(nn.Module):

@@ -33,6 +33,17 @@ def test_torchvision_trunk_features(name, dim):
         assert backbone(torch.rand(2, 3, 32, 32)).shape == (2, dim)
 
 
+@pytest.mark.parametrize("name, dim, params", [("wrn_28_2", 128, 1.47e6), ("wrn_28_10", 640, 36.5e6)])
+def test_wide_resnets_have_the_published_size_and_train_from_scratch(name, dim, params):
+    backbone = build_backbone(name, "none", 32).eval()
+    count = sum(p.numel() for p in backbone.parameters())
+    assert backbone.feature_dim == dim and abs(count - params) / params < 0.02, count  # WRN paper: 1.5M and 36.5M
+    with torch.no_grad():
+        assert backbone(torch.rand(2, 3, 32, 32)).shape == (2, dim)
+    with pytest.raises(PipelineError, match=rf"train\.weights: got 'imagenet' for backbone {name}, which has no pretrained weights"):
+        build_backbone(name, "imagenet", 32)
+
+
 def test_bad_backbone_or_weights_are_refused():
     with pytest.raises(PipelineError, match="train.backbone"):
         build_backbone("vgg16", "imagenet", 224)
