@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from pipeline.io import try_lock
 from pipeline.manifest import read_shards
 
@@ -112,6 +112,25 @@ def test_mvc_plans_captions_and_one_fine_tune_per_subset_and_starts_it_from_the_
     project.write_config(config)
     commands = shell_commands(project.snakemake("-n", "-p"))
     assert any("pipeline mvc" in c and "--erased results/erase" in c for c in commands)
+
+
+@pytest.mark.parametrize(
+    "presets",
+    [["pascal.yaml"], ["coco.yaml"], ["pascal.yaml", "recipes/finetune.yaml"], ["coco.yaml", "recipes/dreambooth.yaml"],
+     ["experiments/mvc-caltech101.yaml"]],
+    ids=lambda files: "+".join(Path(f).stem for f in files),
+)
+def test_every_shipped_preset_plans_a_run_over_the_embedded_default(project, tmp_path, presets):
+    """As the README runs them: snakemake --configfile <preset> [<recipe>], merged over config.yaml."""
+    import shutil
+
+    shutil.copy(REPO / "config.yaml", project.root / "config.yaml")
+    shutil.copytree(REPO / "config", project.root / "config")
+    (tmp_path / "data").mkdir()
+    (project.root / "root.yaml").write_text(f"dataset:\n  root: {tmp_path / 'data'}\n")  # where a user's data would be
+    overlays = [f"config/{name}" for name in presets] + ([] if "experiments/mvc-caltech101.yaml" in presets else ["root.yaml"])
+    jobs = project.planned_jobs("--configfile", "config.yaml", *overlays)
+    assert jobs["prepare"] == 1 and jobs["report"] == 1
 
 
 def write_class_folders(root, per_class=6):
