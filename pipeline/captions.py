@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from pipeline import PipelineError
 from pipeline.demo import colour_name
-from pipeline.io import file_sha256, open_image, read_parquet, write_parquet
+from pipeline.io import file_sha256, open_image, read_object_mask, read_parquet, write_parquet
 from pipeline.manifest import read_manifest
 from pipeline.progress import progress
 from pipeline.settings.caption import CaptionSettings
@@ -115,11 +115,9 @@ def _from_annotations(settings: CaptionSettings, rows: list[dict]) -> list[str]:
                 f"caption.captioner annotations: image {row['image_id']!r} has no mask (mask_path null). "
                 "Expected a dataset with object masks, or captioner csv or blip2."
             )
-        image = np.asarray(open_image(row["path"]))
-        mask = np.asarray(open_image(row["mask_path"])).any(axis=2)
-        if mask.shape != image.shape[:2] or not mask.any():
-            raise PipelineError(f"mask {row['mask_path']} of image {row['image_id']!r} is empty or not the image's size {image.shape[1]}x{image.shape[0]}.")
-        captions.append(f"{settings.prefix.format(row['class_name'])}, {describe(image, mask)}")
+        image = open_image(row["path"])
+        mask = read_object_mask(row["mask_path"], row["image_id"], image.size)
+        captions.append(f"{settings.prefix.format(row['class_name'])}, {describe(np.asarray(image), mask)}")
     return captions
 
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from pipeline import PipelineError, finetune, layout, sdedit
 from pipeline.checkpoint import weight_hashes
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
+from pipeline.finetune import checkpoint_dir_for
 from pipeline.hashing import value_hash
 from pipeline.io import atomic_path, file_sha256, open_image, output_lock, write_json
 from pipeline.manifest import read_manifest, training_images_by_class
@@ -62,10 +63,6 @@ PRIOR_SCHEDULER = "dpm-solver++"
 PRIOR_BATCH = 8
 
 
-def checkpoint_dir_for(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".ckpt")
-
-
 def train_dreambooth(config: dict, subset_path: str | Path, out_dir: str | Path) -> dict:
     """Train a DreamBooth-LoRA adapter per class of the subset and write them to `out_dir` (atomically).
 
@@ -75,11 +72,6 @@ def train_dreambooth(config: dict, subset_path: str | Path, out_dir: str | Path)
     out_dir = Path(out_dir)
     with output_lock(out_dir):
         return _train(DreamBoothSettings.from_config(config), Path(subset_path), out_dir)
-
-
-def _hidden_states(pipe, prompts: list[str]) -> torch.Tensor:
-    """The frozen text encoder's hidden states [len(prompts), 77, dim], computed once."""
-    return torch.cat([sdedit.encode_prompt(pipe, prompt) for prompt in prompts]).float()
 
 
 @torch.no_grad()
@@ -203,8 +195,8 @@ class _ClassRun:
         checkpoint = finetune.Checkpoint(checkpoint_path, fingerprint)
         saved = checkpoint.load(device)
         with torch.no_grad():
-            self.instance_hidden = _hidden_states(pipe, [settings.instance_prompt.format(name)])
-            self.class_hidden = _hidden_states(pipe, [settings.class_prompt.format(name)])
+            self.instance_hidden = sdedit.encode_prompt(pipe, settings.instance_prompt.format(name)).float()
+            self.class_hidden = sdedit.encode_prompt(pipe, settings.class_prompt.format(name)).float()
             self.real = finetune.LatentCache.of([sdedit.encode_source(pipe, open_image(path), settings.resolution) for path in self.paths])
             if saved is not None:
                 prior = finetune.LatentCache(saved["extra"]["prior_mean"], saved["extra"]["prior_std"])

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from pipeline import PipelineError, finetune, layout, sdedit
 from pipeline.checkpoint import weight_hashes
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
+from pipeline.finetune import CHECKPOINT_FILE, checkpoint_dir_for
 from pipeline.hashing import value_hash
 from pipeline.io import atomic_path, output_lock, read_json, write_json
 from pipeline.rng import torch_generator
@@ -46,11 +47,6 @@ from pipeline.settings.erase import EraseSettings
 log = logging.getLogger(__name__)
 
 STAGE = "erase"
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def checkpoint_dir_for(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".ckpt")
 
 
 def erased_parameter_names(unet) -> list[str]:
@@ -94,7 +90,7 @@ def _erase(settings: EraseSettings, classes_file: Path, out_dir: Path) -> dict:
     sampler.set_timesteps(settings.ddim_steps, device=device)
 
     with torch.no_grad():
-        concept = torch.cat([sdedit.encode_prompt(pipe, settings.template.format(name)) for name in classes])
+        concept = sdedit.encode_prompts(pipe, [settings.template.format(name) for name in classes])
         empty = sdedit.encode_negative_prompt(pipe)
     fingerprint = value_hash({"settings": settings.key(), "classes": classes, **cpu_numerics(device)})
     checkpoint = finetune.Checkpoint(checkpoint_dir_for(out_dir) / CHECKPOINT_FILE, fingerprint)
@@ -102,6 +98,7 @@ def _erase(settings: EraseSettings, classes_file: Path, out_dir: Path) -> dict:
     run = finetune.FineTune(
         f"erase {len(classes)} classes", {name: trained[name] for name in names}, torch.optim.Adam(params, lr=settings.learning_rate),
         settings.steps, device, dtype, checkpoint, settings.checkpoint_every, to_row=lambda r: (float(r[1]), classes[int(r[0])]),
+        save_when_done=False,
     )  # fmt: skip
     side = settings.resolution // pipe.vae_scale_factor
     latent_shape = (1, unet.config.in_channels, side, side)

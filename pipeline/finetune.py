@@ -41,6 +41,14 @@ ADAM_EPS = 1e-8
 LOG_EVERY = 100
 
 
+CHECKPOINT_FILE = "checkpoint.pt"  # in a checkpoint folder of a stage that runs one fine-tune
+
+
+def checkpoint_dir_for(out_dir: Path) -> Path:
+    """Where a stage's resumable state lives while it writes `out_dir`: beside it, `<out_dir>.ckpt/`."""
+    return out_dir.with_name(out_dir.name + ".ckpt")
+
+
 def adamw(params: list[nn.Parameter], learning_rate: float, weight_decay: float = ADAM_WEIGHT_DECAY) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=learning_rate, betas=ADAM_BETAS, weight_decay=weight_decay, eps=ADAM_EPS)
 
@@ -117,9 +125,11 @@ class FineTune:
     """A resumable optimisation of the named trainable `params` (fp32) for `steps` steps.
 
     With `checkpoint`, the state (parameters, optimiser, loss scaler, logged rows and `extra`, any
-    tensors the method wants back on resume) is saved every `checkpoint_every` steps and when the
-    run is done, and a matching saved state is resumed from: `start` tells the step it resumes at,
-    `extra` what it saved, `finished` whether nothing is left to do.
+    tensors the method wants back on resume) is saved every `checkpoint_every` steps and, with
+    `save_when_done`, when the run is done (a job of several runs keeps a finished run's result
+    while a later one trains; a job of one run writes its output next and needs no such copy), and
+    a matching saved state is resumed from: `start` tells the step it resumes at, `extra` what it
+    saved, `finished` whether nothing is left to do.
 
     `to_row` turns what a step returns to log (kept on the device until the next milestone, so
     steps do not wait for the host) into that step's row; the first value of a row is the loss
@@ -138,9 +148,11 @@ class FineTune:
         checkpoint_every: int = 0,
         to_row: Callable[[Any], Any] = _floats,
         loss_name: str = "loss",
+        save_when_done: bool = True,
     ):
         self.label, self.params, self.optimizer, self.steps = label, params, optimizer, steps
         self.checkpoint, self.checkpoint_every, self.to_row, self.loss_name = checkpoint, checkpoint_every, to_row, loss_name
+        self.save_when_done = save_when_done
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.rows: list = []
         self.start = 0
@@ -181,7 +193,8 @@ class FineTune:
                 recent = [row[0] for row in self.rows[-LOG_EVERY:]]
                 log.info("%s step %d/%d: %s %.5f (mean of the last %d)", self.label, done, self.steps, self.loss_name,
                          sum(recent) / len(recent), len(recent))  # fmt: skip
-            if self.checkpoint is not None and (done == self.steps or (self.checkpoint_every and done % self.checkpoint_every == 0)):
+            periodic = self.checkpoint_every and done % self.checkpoint_every == 0 and done < self.steps
+            if self.checkpoint is not None and (periodic or (done == self.steps and self.save_when_done)):
                 flush()
                 self.checkpoint.save({
                     "step": done,

@@ -33,6 +33,7 @@ from torch import nn
 from pipeline import PipelineError, finetune, layout
 from pipeline.checkpoint import verify_if_local
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
+from pipeline.finetune import checkpoint_dir_for
 from pipeline.hashing import value_hash
 from pipeline.io import atomic_path, open_image, output_lock, read_json
 from pipeline.manifest import read_manifest, training_images_by_class
@@ -347,10 +348,6 @@ def _write_loss_csv(path: Path, loss_rows: list[tuple[int, str, float]]) -> None
         writer = csv.writer(handle)
         writer.writerow(["step", "class", "loss"])
         writer.writerows(loss_rows)
-
-
-def checkpoint_dir_for(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".ckpt")
 
 
 def invert_tokens(config: dict, subset_path: Path, out_dir: Path, class_names: list[str] | None = None) -> dict:

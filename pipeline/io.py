@@ -227,6 +227,21 @@ def open_image(path: str | Path) -> Image.Image:
     return _decoded(data, f"image {path}", f"image {path} is truncated or not an image")
 
 
+def read_object_mask(mask_path: str | Path, image_id: str, size: tuple[int, int]) -> np.ndarray:
+    """Boolean [H,W] map of image `image_id`'s labelled object: the non-zero pixels of its mask, which
+    must have the image's `size` (width, height) and mark at least one pixel."""
+    mask = open_image(mask_path)
+    if mask.size != size:
+        raise PipelineError(
+            f"mask {mask_path} of image {image_id!r} is {mask.size[0]}x{mask.size[1]}. "
+            f"Expected the image's size {size[0]}x{size[1]}."
+        )
+    obj = np.asarray(mask).any(axis=2)
+    if not obj.any():
+        raise PipelineError(f"mask {mask_path} of image {image_id!r} marks no object pixel. Expected some non-zero pixels.")
+    return obj
+
+
 def _decoded(data: bytes, what: str, undecodable: str) -> Image.Image:
     """`data` decoded to RGB; errors start with `what`, or with `undecodable` when PIL cannot decode it."""
     try:

@@ -39,17 +39,17 @@ from pipeline import PipelineError, adapters, finetune, layout, sdedit
 from pipeline.captions import read_captions
 from pipeline.checkpoint import weight_hashes
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
+from pipeline.finetune import CHECKPOINT_FILE, checkpoint_dir_for
 from pipeline.hashing import value_hash
-from pipeline.mixing import apply_mix, draw_mix, other_index
 from pipeline.io import atomic_path, file_sha256, open_image, output_lock, write_json
 from pipeline.manifest import read_manifest
+from pipeline.mixing import apply_mix, draw_mix, other_index
 from pipeline.rng import derive_seed, torch_generator
 from pipeline.settings.mvc import MVCSettings
 
 log = logging.getLogger(__name__)
 
 STAGE = "mvc"
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 # The image-conditioned UNet ----------------------------------------------------------------------
@@ -68,17 +68,7 @@ def widen_input(unet, extra_channels: int) -> None:
     unet.register_to_config(in_channels=new.in_channels)
 
 
-@torch.no_grad()
-def caption_embeddings(pipe, captions: list[str]) -> torch.Tensor:
-    """The frozen text encoder's outputs [len(captions), 77, dim] (fp32)."""
-    return torch.cat([sdedit.encode_prompt(pipe, caption) for caption in captions]).float()
-
-
 # The fine-tune -----------------------------------------------------------------------------------
-
-
-def checkpoint_dir_for(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".ckpt")
 
 
 def train_mvc(config: dict, subset_path: str | Path, captions_path: str | Path, out_dir: str | Path, erased_dir: str | Path | None = None) -> dict:
@@ -100,7 +90,7 @@ class _Examples:
             raise PipelineError(f"{captions_path}: no caption for training image {missing[0]!r}. Expected the caption stage's file of this subset.")
         with torch.no_grad():
             self.latents = finetune.LatentCache.of([sdedit.encode_source(pipe, open_image(row["path"]), settings.resolution) for row in rows])
-            self.embeddings = caption_embeddings(pipe, [captions[row["image_id"]][1] for row in rows])
+            self.embeddings = sdedit.encode_prompts(pipe, [captions[row["image_id"]][1] for row in rows]).float()
             self.empty = sdedit.encode_negative_prompt(pipe).float()
         labels = [row["label"] for row in rows]
         # members[i]: the indices of example i's class, in subset order; position[i]: i's place among them.
@@ -168,7 +158,7 @@ def _train(settings: MVCSettings, subset_path: Path, captions_path: Path, out_di
                               "erased": weight_hashes(erased_dir) if erased_dir else None, **cpu_numerics(device)})  # fmt: skip
     checkpoint = finetune.Checkpoint(checkpoint_dir_for(out_dir) / CHECKPOINT_FILE, fingerprint)
     run = finetune.FineTune("mvc fine-tune", params, finetune.adamw(list(params.values()), settings.learning_rate), settings.steps,
-                            device, dtype, checkpoint, settings.checkpoint_every)  # fmt: skip
+                            device, dtype, checkpoint, settings.checkpoint_every, save_when_done=False)  # fmt: skip
     started = time.perf_counter()
     unet.train()
     losses = run.run(lambda step: _step_loss(pipe, scheduler, examples, settings, trial_seed, step, device, dtype))

@@ -209,6 +209,11 @@ def encode_prompt(pipe, prompt: str) -> torch.Tensor:
     return embeds
 
 
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """`encode_prompt` of each prompt, stacked: [len(prompts), 77, dim]."""
+    return torch.cat([encode_prompt(pipe, prompt) for prompt in prompts])
+
+
 def encode_negative_prompt(pipe) -> torch.Tensor:
     """The unconditional embedding [1, 77, dim] img2img guides away from (the empty prompt)."""
     _, negative = pipe.encode_prompt("", pipe.device, 1, do_classifier_free_guidance=True)

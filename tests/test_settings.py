@@ -141,3 +141,12 @@ def test_the_leakage_prevention_mode_follows_the_prompt_and_the_erasure():
     # Erasing reruns the training of the methods with synthetic images only.
     assert settings("baseline", True).key() == settings("baseline", False).key()
     assert settings("dafusion", True).key() != settings("dafusion", False).key()
+
+
+def test_a_captioner_setting_is_in_the_key_only_for_its_captioner():
+    def caption_key(**caption) -> dict:
+        return CaptionSettings.from_config(validate_config({"caption": caption})).key()
+
+    assert caption_key(csv="a.csv") == caption_key(csv="b.csv") and caption_key(blip2_model="x") == caption_key()
+    assert caption_key(captioner="csv", csv="a.csv") != caption_key(captioner="csv", csv="b.csv")
+    assert caption_key(captioner="blip2", max_new_tokens=5) != caption_key(captioner="blip2")

@@ -24,7 +24,7 @@ from scipy.ndimage import distance_transform_edt
 
 from pipeline import PipelineError, sdedit
 from pipeline.generate_plan import WorkItem, lowest_strength
-from pipeline.io import open_image
+from pipeline.io import open_image, read_object_mask
 from pipeline.methods import Method
 from pipeline.settings.generate import GenerateSettings
 
@@ -35,18 +35,7 @@ def object_region(mask_path: str, image_id: str, size: tuple[int, int], dilation
     The margin lets inpainting re-draw the object's outline too (masks are rarely pixel-exact), and for
     the background mode keeps a rim of context around the object.
     """
-    mask = open_image(mask_path)
-    if mask.size != size:
-        raise PipelineError(
-            f"mask {mask_path} of image {image_id!r} is {mask.size[0]}x{mask.size[1]}. "
-            f"Expected the image's size {size[0]}x{size[1]}."
-        )
-    obj = np.asarray(mask).any(axis=2)
-    if not obj.any():
-        raise PipelineError(
-            f"mask {mask_path} of image {image_id!r} marks no object pixel. Expected some non-zero pixels."
-        )
-    return distance_transform_edt(~obj) <= dilation
+    return distance_transform_edt(~read_object_mask(mask_path, image_id, size)) <= dilation
 
 
 class Img2ImgMaker:

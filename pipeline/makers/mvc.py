@@ -55,7 +55,7 @@ class MVCMaker:
     def _class_embeddings(self, class_name: str) -> torch.Tensor:
         if class_name not in self._embeddings:
             texts = [self.captions[i][1] for i in self.class_ids[class_name]]
-            self._embeddings[class_name] = torch.cat([sdedit.encode_prompt(self.pipe, text) for text in texts])
+            self._embeddings[class_name] = sdedit.encode_prompts(self.pipe, texts)
         return self._embeddings[class_name]
 
     def mixed(self, item: WorkItem) -> torch.Tensor:

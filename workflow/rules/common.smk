@@ -182,8 +182,8 @@ def report_outputs():
 
 
 def folder_args(wildcards, input):
-    """generate's "--tokens <path>", "--adapter <path>", "--erased <path>" and "--captions <path>" for
-    the inputs the job has, quoted, so used as {params.folders} without :q."""
+    """generate's and mvc's "--tokens <path>", "--adapter <path>", "--erased <path>" and "--captions
+    <path>" for the inputs the job has, quoted, so used as {params.folders} without :q."""
     return " ".join(f"--{name} {shlex.quote(input[name])}" for name in ("tokens", "adapter", "erased", "captions") if input.get(name))
 
 

@@ -30,7 +30,7 @@ rule mvc:
         directory(layout.adapter(R, "mvc", "{k}", "{seed}")),
     params:
         **settings_params(MVCSettings, "pipeline.mvc"),
-        erased=lambda wildcards, input: f"--erased {shlex.quote(input.erased)}" if input.erased else "",
+        folders=folder_args,  # "--captions <quoted path>" and, with erase.enabled, "--erased ..."
     log:
         log_path("mvc", SUBSET),
     benchmark:
@@ -39,5 +39,4 @@ rule mvc:
     resources:
         gpu=1,
     shell:
-        "python -m pipeline mvc --config {CONFIG_FILE} --subset {input.subset:q} --captions {input.captions:q}"
-        " {params.erased} --out {output:q} > {log:q} 2>&1"
+        "python -m pipeline mvc --config {CONFIG_FILE} --subset {input.subset:q} {params.folders} --out {output:q} > {log:q} 2>&1"
