@@ -113,6 +113,12 @@ def cmd_token_samples(args, config):
     render_token_samples(config, args.tokens, args.out)
 
 
+def cmd_mix_samples(args, config):
+    from pipeline.mix_samples import render_mix_samples
+
+    render_mix_samples(config, args.model, args.subset, args.captions, args.out)
+
+
 def cmd_generate(args, config):
     from pipeline.generate import generate_shard
 
@@ -229,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=Path, required=True, help="tokens folder (invert or merge-tokens)")
     p.add_argument("--out", type=Path, required=True, help="grid .png to write (its legend goes beside it as .json)")
 
+    p = stage("mix-samples", cmd_mix_samples, "Draw an mvc model's images unmixed, fine-mixed and coarse-mixed from the same noise, into a grid.")
+    p.add_argument("--model", type=Path, required=True, help="the mvc stage's model folder of the subset")
+    p.add_argument("--subset", type=Path, required=True)
+    p.add_argument("--captions", type=Path, required=True, help="the caption stage's file of the subset")
+    p.add_argument("--out", type=Path, required=True, help="grid .png to write (its legend goes beside it as .json)")
+
     p = stage("generate", cmd_generate, "SDEdit synthetic images for one shard of a subset into a Parquet shard.")
     p.add_argument("--subset", type=Path, required=True)
     p.add_argument("--tokens", type=Path, default=None, help="tokens folder (methods that use learned tokens)")
@@ -276,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Stages whose outputs are data that later stages consume byte for byte: they compute on the config's
 # `cpu_threads`, whatever the job was given (pipeline.device, "CPU threads"). FID and the oracle's
 # scores are measurements printed to a few digits; they keep the job's threads for speed.
-PINNED_THREADS = {cmd_pretrain_demo_model, cmd_train_oracle, cmd_invert, cmd_dreambooth, cmd_erase, cmd_mvc, cmd_caption, cmd_token_samples, cmd_generate, cmd_train}
+PINNED_THREADS = {cmd_pretrain_demo_model, cmd_train_oracle, cmd_invert, cmd_dreambooth, cmd_erase, cmd_mvc, cmd_caption, cmd_token_samples, cmd_mix_samples, cmd_generate, cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,16 @@ ARCHIVES: dict[str, tuple[Archive, ...]] = {
             inner_target="caltech101",
         ),
     ),
+    # The python-version archives torchvision's CIFAR10 / CIFAR100 fetch, with its md5
+    # (torchvision/datasets/cifar.py); each extracts to <root>/cifar-10-batches-py or cifar-100-python.
+    "cifar10": (
+        Archive("cifar-10-python.tar.gz", ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
+                {"md5": "c58f30108f718f92721af3b95e74349a"}),
+    ),
+    "cifar100": (
+        Archive("cifar-100-python.tar.gz", ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",),
+                {"md5": "eb9058c3a382ffc7106e4002c42a8d85"}),
+    ),
     # md5 as listed by torchvision (torchvision/datasets/voc.py) and PaddleDetection
     # (ppdet/utils/download.py). torchvision fetches from thor.robots.ox.ac.uk, a mirror of the same
     # files kept because host.robots.ox.ac.uk is often unreachable.

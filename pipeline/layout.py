@@ -23,6 +23,7 @@ JOINT_LOSS_LABEL = "all"
 CLASSES_FILE = "classes.json"  # prepare/: the class names, in label order
 STATS_FILE = "stats.json"  # prepare/: image counts per split and class, and what was left out
 MASKS_DIR = "masks"  # prepare/: one packed object mask per image
+IMAGES_DIR = "images"  # prepare/: the images of a dataset stored as arrays (CIFAR), as PNG files
 TOKENS_FILE = "tokens.json"  # a tokens folder: class -> token, and how they were learned
 EMBEDDINGS_FILE = "learned_embeds.safetensors"  # a tokens folder, and each of its per-class folders
 LOSS_FILE = "loss.csv"  # a tokens folder: step, class, loss
@@ -94,9 +95,14 @@ def token_samples(results: str, k, trial_seed) -> str:
     return f"{results}/invert/samples/{subset_name(k, trial_seed)}.png"
 
 
-def token_samples_legend(grid_path) -> str:
-    """The JSON legend written beside a token sample grid: which class, token and prompt each row shows."""
+def grid_legend(grid_path) -> str:
+    """The JSON legend written beside a sample grid (token samples, mix samples): what each row and column shows."""
     return str(grid_path).removesuffix(".png") + ".json"
+
+
+def mix_samples(results: str, k, trial_seed) -> str:
+    """The grid of a subset's mvc model under unmixed, fine-mixed and coarse-mixed caption embeddings; its legend is the .json beside it."""
+    return f"{results}/mvc/samples/{subset_name(k, trial_seed)}.png"
 
 
 def shard(results: str, method, k, trial_seed, index, count) -> str:
@@ -140,9 +146,11 @@ def expected_outputs(config: dict) -> dict[str, list[str]]:
     num_shards = config["generate"]["num_shards"]
     methods = config["generate"]["methods"]
     learns_tokens = bool(needing("tokens", methods))
+    fine_tunes_mvc = bool(needing("mvc", methods))
     return {
         "tokens": [tokens(results, k, s) for k, s in pairs] if learns_tokens else [],
         "token_samples": [token_samples(results, k, s) for k, s in pairs] if learns_tokens else [],
+        "mix_samples": [mix_samples(results, k, s) for k, s in pairs] if fine_tunes_mvc else [],
         "metrics": [metrics(results, m, k, s) for m in config["train"]["methods"] for k, s in pairs],
         "fid": [fid(results, m, k, s) for m in methods for k, s in pairs],
         "oracle": [oracle_scores(results, m, k, s) for m in methods for k, s in pairs] if config["fid"]["oracle"] else [],

@@ -13,7 +13,8 @@ validation images of each class are ranked by a seeded hash of their ids and the
 floor(n * test_fraction) become test, the rest val. Folders without a split first hold out
 floor(n * holdout_fraction) of each class the same way.
 
-Outputs in out_dir: masks/ (written first, atomically), classes.json, stats.json, and last
+Outputs in out_dir: images/ (only for datasets stored as arrays, CIFAR: their PNGs, the manifest's
+dataset root), masks/ (written first, atomically), classes.json, stats.json, and last
 manifest.parquet, so a manifest on disk means a complete stage.
 """
 
@@ -29,6 +30,7 @@ from typing import Sequence
 
 from pipeline import PipelineError, layout
 from pipeline.datasets import BAD_INPUT, SOURCE_SPLITS, LabelContext, Labelled, Source, label_or_reject
+from pipeline.datasets.cifar import read_cifar
 from pipeline.datasets.coco import read_coco
 from pipeline.datasets.folder import read_folder
 from pipeline.datasets.torchvision_sets import read_caltech101, read_flowers102
@@ -50,6 +52,8 @@ READERS = {
     "folder": read_folder,
     "caltech101": read_caltech101,
     "flowers102": read_flowers102,
+    "cifar10": read_cifar,
+    "cifar100": read_cifar,
 }
 
 
@@ -73,6 +77,12 @@ def prepare_dataset(config: dict, out_dir: Path, threads: int = 1) -> dict:
     manifest_path = out_dir / "manifest.parquet"
     # A manifest on disk must describe the masks beside it: drop an old one before replacing them.
     manifest_path.unlink(missing_ok=True)
+    if source.write_images is not None:  # images stored as arrays: written once as files, read from there
+        image_root = (out_dir / layout.IMAGES_DIR).resolve()
+        with atomic_path(image_root) as image_tmp:
+            image_tmp.mkdir()
+            source.write_images(image_tmp)
+        root = image_root
 
     with atomic_path(mask_root) as mask_tmp:
         mask_tmp.mkdir()

@@ -52,7 +52,7 @@ def render_token_samples(config: dict, tokens_dir: str | Path, out_path: str | P
     """Render every token's samples of `tokens_dir` into the grid PNG `out_path` and its legend JSON.
 
     The grid has one row per class and `invert.samples.per_class` columns of model.resolution²
-    tiles. The legend (`layout.token_samples_legend(out_path)`) names each row's class, token and prompt, and each
+    tiles. The legend (`layout.grid_legend(out_path)`) names each row's class, token and prompt, and each
     column's seed. Both are written atomically. Returns the legend. The only reader of `config`: the
     rest gets the stage's TokenSampleSettings.
     """
@@ -93,7 +93,7 @@ def render_token_samples(config: dict, tokens_dir: str | Path, out_path: str | P
     }
     with atomic_path(out_path) as tmp:
         grid_image(rows, resolution).save(tmp, format="PNG")
-    write_json(Path(layout.token_samples_legend(out_path)), legend)
+    write_json(Path(layout.grid_legend(out_path)), legend)
     log.info(
         "rendered %d samples of each of %d tokens (%d steps) in %.1fs -> %s",
         len(seeds), len(class_tokens), settings.steps, seconds, out_path,

@@ -326,3 +326,61 @@ def test_mvc_names_its_leakage_mode_and_needs():
     assert methods.get("mvc-pretrained").needs == {"captions"}
     assert methods.leakage_prevention("mvc", erased=False) == "none", "its captions name the class"
     assert methods.leakage_prevention("mvc", erased=True) == "model-centric"
+
+
+# The mix_samples stage: the report's look at what mixing does -------------------------------------
+
+
+def test_mix_samples_draw_each_setting_from_the_unmixed_samples_noise(tiny_model, model, subset, caption_file, tmp_path, one_thread):
+    from pipeline.mix_samples import render_mix_samples
+
+    config = make_config(tiny_model, mvc={"samples": {"per_class": 1, "swaps": [1, 3], "draws": 2}})
+    grid = tmp_path / "k2_seed0.png"
+    legend = render_mix_samples(config, model, subset, caption_file, grid)
+    assert legend == json.loads(Path(layout.grid_legend(grid)).read_text())
+    assert legend["columns"] == ["conditioning image", "unmixed", "fine Q=1", "fine Q=3", "coarse P=1", "coarse P=3"]
+    assert [row["image_id"] for row in legend["rows"]] == ["img-0", "img-1"]  # the first image of each class
+    with Image.open(grid) as image:
+        assert image.size == (6 * RESOLUTION, 2 * RESOLUTION)
+        tiles = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    unmixed, coarse = tiles[:RESOLUTION, RESOLUTION : 2 * RESOLUTION], tiles[:RESOLUTION, 4 * RESOLUTION : 5 * RESOLUTION]
+    # The recorded distance is the first draw's together with the second, so at least half of the first's.
+    first_draw = float(np.abs(coarse - unmixed).mean())
+    assert 0 < first_draw <= 2 * legend["rows"][0]["distances"]["coarse-1"] + 1e-6
+    for kind in ("fine", "coarse"):
+        for n in ("1", "3"):
+            assert legend["mean_pixel_distance"][kind][n] > 0
+    # Seeded: a second run writes the same grid.
+    again = tmp_path / "again.png"
+    render_mix_samples(config, model, subset, caption_file, again)
+    assert again.read_bytes() == grid.read_bytes()
+
+
+def test_mix_samples_change_nothing_when_every_caption_of_a_class_is_the_same(tiny_model, model, subset, tmp_path, one_thread):
+    from pipeline.io import write_parquet
+    from pipeline.mix_samples import render_mix_samples
+
+    import pyarrow as pa
+
+    same = {"image_id": ["img-0", "img-1", "img-2", "img-3"], "class_name": ["cat", "dog house", "dog house", "cat"]}
+    same["caption"] = [f"This is an image of {name}" for name in same["class_name"]]
+    path = tmp_path / "same.parquet"
+    write_parquet(path, pa.table(same, schema=captions.CAPTION_SCHEMA))
+    legend = render_mix_samples(make_config(tiny_model, mvc={"samples": {"swaps": [2], "draws": 1}}), model, subset, path, tmp_path / "g.png")
+    assert legend["mean_pixel_distance"] == {"fine": {"2": 0.0}, "coarse": {"2": 0.0}}
+
+
+def test_mix_samples_refuse_a_model_that_is_not_image_conditioned(tiny_model, subset, caption_file, tmp_path):
+    from pipeline.mix_samples import render_mix_samples
+
+    with pytest.raises(PipelineError, match=r"no mvc\.json\. Expected a folder the mvc stage wrote"):
+        render_mix_samples(make_config(tiny_model), tiny_model, subset, caption_file, tmp_path / "g.png")
+
+
+def test_the_mix_samples_stage_reads_only_its_settings(tiny_model, model, subset, caption_file, tmp_path, one_thread):
+    from pipeline.mix_samples import render_mix_samples
+    from pipeline.settings.mix_samples import MixSampleSettings
+
+    reads: set = set()
+    render_mix_samples(RecordingConfig(make_config(tiny_model, mvc={"samples": {"swaps": [1], "draws": 1}}), reads), model, subset, caption_file, tmp_path / "g.png")
+    assert undeclared_reads(reads, MixSampleSettings) == set()

@@ -14,7 +14,7 @@ from conftest import RecordingConfig, undeclared_reads
 
 from pipeline import PipelineError
 from pipeline.config import validate_config
-from pipeline.layout import token_samples_legend
+from pipeline.layout import grid_legend
 from pipeline.settings.token_samples import TokenSampleSettings
 from pipeline.tiny_sd import build_tiny_sd
 from pipeline.token_samples import column_seeds, render_token_samples
@@ -75,7 +75,7 @@ def test_grid_has_one_row_per_class_and_rows_differ(rendered):
 
 def test_legend_names_each_row_and_column(rendered, model_dir, tokens_dir):
     grid, legend = rendered
-    assert json.loads(Path(token_samples_legend(grid)).read_text()) == legend
+    assert json.loads(Path(grid_legend(grid)).read_text()) == legend
     assert legend["image"] == grid.name and legend["tile_size"] == TILE
     assert [row["class_name"] for row in legend["rows"]] == CLASSES
     assert legend["rows"][1] == {"class_name": "traffic light", "token": "<traffic-light>", "prompt": "a photo of a <traffic-light>"}

@@ -116,8 +116,8 @@ def test_mvc_plans_captions_and_one_fine_tune_per_subset_and_starts_it_from_the_
 
 @pytest.mark.parametrize(
     "presets",
-    [["pascal.yaml"], ["coco.yaml"], ["pascal.yaml", "recipes/finetune.yaml"], ["coco.yaml", "recipes/dreambooth.yaml"],
-     ["experiments/mvc-caltech101.yaml"]],
+    [["pascal.yaml"], ["coco.yaml"], ["pascal.yaml", "recipes/finetune.yaml"], ["coco.yaml", "recipes/dreambooth.yaml"]]
+    + [[f"experiments/{path.name}"] for path in sorted((REPO / "config" / "experiments").glob("*.yaml"))],
     ids=lambda files: "+".join(Path(f).stem for f in files),
 )
 def test_every_shipped_preset_plans_a_run_over_the_embedded_default(project, tmp_path, presets):
@@ -128,7 +128,8 @@ def test_every_shipped_preset_plans_a_run_over_the_embedded_default(project, tmp
     shutil.copytree(REPO / "config", project.root / "config")
     (tmp_path / "data").mkdir()
     (project.root / "root.yaml").write_text(f"dataset:\n  root: {tmp_path / 'data'}\n")  # where a user's data would be
-    overlays = [f"config/{name}" for name in presets] + ([] if "experiments/mvc-caltech101.yaml" in presets else ["root.yaml"])
+    # An experiment preset names its own root and downloads into it.
+    overlays = [f"config/{name}" for name in presets] + ([] if presets[0].startswith("experiments/") else ["root.yaml"])
     jobs = project.planned_jobs("--configfile", "config.yaml", *overlays)
     assert jobs["prepare"] == 1 and jobs["report"] == 1
 

@@ -75,6 +75,9 @@ class Source:
     jobs: list[Any]  # each has .image_id, .path and .source_split
     label_image: Callable[[Any, LabelContext], Labelled]  # module-level, so worker processes can run it
     left_out: list[Labelled] = field(default_factory=list)  # images rejected while reading the listing
+    # Datasets stored as arrays (CIFAR): writes every job's image file, at its path, under the folder it
+    # is given; prepare gives it a folder of its own, which becomes the manifest's dataset root.
+    write_images: Callable[[Path], None] | None = None
 
 
 def label_or_reject(label_image: Callable[[Any, LabelContext], Labelled], context: LabelContext, job) -> Labelled:

@@ -37,6 +37,7 @@ from pipeline.settings.erase import EraseSettings
 from pipeline.settings.fid import FidFeatureSettings, FidSettings, OracleScoreSettings
 from pipeline.settings.generate import GenerateSettings
 from pipeline.settings.invert import InvertSettings
+from pipeline.settings.mix_samples import MixSampleSettings
 from pipeline.settings.mvc import MVCSettings
 from pipeline.settings.prepare import DemoDatasetSettings, FewshotSettings, PrepareSettings, TinyModelSettings
 from pipeline.settings.report import ReportSettings

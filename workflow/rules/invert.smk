@@ -87,7 +87,7 @@ rule token_samples:
         tokens=layout.tokens(R, "{k}", "{seed}"),
     output:
         grid=layout.token_samples(R, "{k}", "{seed}"),
-        legend=layout.token_samples_legend(layout.token_samples(R, "{k}", "{seed}")),
+        legend=layout.grid_legend(layout.token_samples(R, "{k}", "{seed}")),
     params:
         **settings_params(TokenSampleSettings, "pipeline.token_samples"),
     log:
