@@ -354,6 +354,13 @@ def test_mix_samples_draw_each_setting_from_the_unmixed_samples_noise(tiny_model
     again = tmp_path / "again.png"
     render_mix_samples(config, model, subset, caption_file, again)
     assert again.read_bytes() == grid.read_bytes()
+    # The report's panel: the labelled grid and fine against coarse per n.
+    from pipeline.report import mix_distance_table, mix_samples_grid
+
+    assert mix_samples_grid(grid).startswith("data:image/png;base64,")
+    table = mix_distance_table([legend, legend])
+    coarse, fine = legend["mean_pixel_distance"]["coarse"]["3"], legend["mean_pixel_distance"]["fine"]["3"]
+    assert f"<tr><td>3</td><td>{fine:.3f}</td><td>{coarse:.3f}</td><td>{coarse / fine:.2f}</td></tr>" in table
 
 
 def test_mix_samples_change_nothing_when_every_caption_of_a_class_is_the_same(tiny_model, model, subset, tmp_path, one_thread):

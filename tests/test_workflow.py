@@ -102,8 +102,9 @@ def test_mvc_plans_captions_and_one_fine_tune_per_subset_and_starts_it_from_the_
     config["train"]["methods"] = ["baseline", "mvc"]
     project.write_config(config)
     jobs = project.planned_jobs()
-    assert jobs["caption"] == 1 and jobs["mvc"] == 1 and jobs["generate"] == 6
+    assert jobs["caption"] == 1 and jobs["mvc"] == 1 and jobs["mix_samples"] == 1 and jobs["generate"] == 6
     commands = shell_commands(project.snakemake("-n", "-p"))
+    assert any("pipeline mix-samples" in c and "--model results/mvc/k1_seed0" in c for c in commands)
     mixing = [c for c in commands if "pipeline generate" in c and "--method mvc" in c]
     assert len(mixing) == 4 and all("--captions results/captions/k1_seed0.parquet" in c for c in mixing)
     assert sum("--adapter results/mvc/k1_seed0" in c for c in mixing) == 2, "mvc-pretrained uses the base model"
