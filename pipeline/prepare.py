@@ -72,6 +72,9 @@ def prepare_dataset(config: dict, out_dir: Path, threads: int = 1) -> dict:
         root = find_voc_root(root)
     source = READERS[settings.name](root, settings)
     classes = select_classes(source.classes, settings.classes, root)
+    if settings.num_classes is not None:
+        classes = draw_classes(classes, settings.num_classes, settings.seed)
+        log.info("dataset.num_classes: drew %d classes with seed %d: %s", len(classes), settings.seed, ", ".join(classes))
     check_distinct_tokens(classes)
     mask_root = (out_dir / layout.MASKS_DIR).resolve()
     manifest_path = out_dir / "manifest.parquet"
@@ -142,6 +145,15 @@ def select_classes(available: list[str], requested: Sequence[str] | None, root: 
     if duplicates:
         raise PipelineError(f"dataset.classes: {duplicates} listed more than once")
     return list(requested)
+
+
+def draw_classes(classes: list[str], count: int, seed: int) -> list[str]:
+    """`count` of `classes` drawn at random from `seed` alone, in their given order. A class's fate
+    depends only on its name and the seed (its rank in a seeded hash), not on the other classes."""
+    if count > len(classes):
+        raise PipelineError(f"dataset.num_classes: {count} classes asked for, but the dataset keeps {len(classes)}. Expected at most {len(classes)}")
+    drawn = set(sorted(classes, key=lambda name: (derive_seed(seed, "prepare", "classes", name), name))[:count])
+    return [name for name in classes if name in drawn]
 
 
 def check_distinct_tokens(classes: list[str]) -> None:

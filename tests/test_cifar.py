@@ -107,3 +107,13 @@ def test_cifar_errors_name_the_file_and_what_was_expected(tmp_path):
 def test_cifar_missing_dataset_names_the_expected_layout(tmp_path):
     with pytest.raises(PipelineError, match=r"no batches\.meta under .*cifar-10-batches-py"):
         prepare_dataset(validate_config({"dataset": {"name": "cifar10", "root": str(tmp_path)}}), tmp_path / "out")
+
+
+def test_num_classes_keeps_a_seeded_draw_of_the_classes(tmp_path):
+    write_cifar10(tmp_path / "data")
+    config = validate_config({"seed": 3, "dataset": {"name": "cifar10", "root": str(tmp_path / "data"), "num_classes": 4}})
+    prepare_dataset(config, tmp_path / "out")
+    _, meta = read_manifest(tmp_path / "out" / "manifest.parquet")
+    table = read_parquet(tmp_path / "out" / "manifest.parquet").to_pydict()
+    assert len(meta["classes"]) == 4 and meta["classes"] == [n for n in CIFAR10_NAMES if n in meta["classes"]]
+    assert set(table["class_name"]) == set(meta["classes"]) and set(table["label"]) == {0, 1, 2, 3}

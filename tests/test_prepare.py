@@ -579,3 +579,15 @@ def test_the_stage_reads_only_config_keys_its_settings_declare(coco_root, tmp_pa
     reads: set[str] = set()
     prepare_dataset(RecordingConfig(config_for("coco", coco_root), reads), tmp_path / "out")
     assert undeclared_reads(reads, PrepareSettings) == set()
+
+
+def test_num_classes_draws_a_seeded_set_in_the_datasets_order():
+    from pipeline.prepare import draw_classes
+
+    names = [f"class {i}" for i in range(80)]
+    drawn = draw_classes(names, 20, seed=0)
+    assert len(drawn) == 20 and drawn == [n for n in names if n in drawn]  # the dataset's order
+    assert draw_classes(names, 20, seed=0) == drawn and draw_classes(names, 20, seed=1) != drawn
+    assert set(drawn) < set(draw_classes(names, 30, seed=0))  # nested: a larger draw keeps the smaller one's classes
+    with pytest.raises(PipelineError, match=r"dataset.num_classes: 81 classes asked for, but the dataset keeps 80\. Expected at most 80"):
+        draw_classes(names, 81, seed=0)

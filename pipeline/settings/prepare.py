@@ -35,6 +35,7 @@ class PrepareSettings(StageSettings):
     name: str = at("dataset.name")
     root: str = at("dataset.root")
     classes: tuple[str, ...] | None = at("dataset.classes")
+    num_classes: int | None = at("dataset.num_classes")
     test_fraction: float = at("dataset.test_fraction")
     holdout_fraction: float = at("dataset.holdout_fraction")
     on_bad_image: str = at("dataset.on_bad_image")
