@@ -66,7 +66,7 @@ from PIL import Image
 from pipeline import PipelineError, __version__, adapters, methods, sdedit, shard_parts
 from pipeline.captions import read_captions
 from pipeline.device import cpu_numerics, resolve_device, resolve_dtype
-from pipeline.generate_plan import WorkItem, plan_batches, plan_items, resample_seed, shard_items
+from pipeline.generate_plan import WorkItem, check_templates, plan_batches, plan_items, resample_seed, shard_items
 from pipeline.checkpoint import weight_hashes
 from pipeline.hashing import value_hash
 from pipeline.io import encode_png, file_sha256, output_lock, read_metadata, read_parquet, write_parquet
@@ -172,6 +172,7 @@ def _check_arguments(settings: GenerateSettings, tokens_dir, adapter_dir, erased
     if not 0 <= shard < num_shards:
         raise PipelineError(f"shard {shard} of {num_shards}: expected 0 <= shard < num_shards.")
     MAKERS[method.kind].check(settings)
+    check_templates(settings)
 
 
 def _provenance(settings: GenerateSettings, subset_path, tokens_dir, adapter_dir, erased_dir, captions_path, shard, num_shards, device, dtype) -> dict:

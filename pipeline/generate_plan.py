@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline import methods
+from pipeline import PipelineError, methods
 from pipeline.rng import derive_seed, numpy_rng
 from pipeline.settings.generate import GenerateSettings
 
@@ -56,8 +56,8 @@ def lowest_strength(settings: GenerateSettings) -> float:
 
 
 def template_for(settings: GenerateSettings, image_id: str, j: int) -> str | None:
-    """The method's prompt template; text-to-image draws one of generate.txt2img_templates per image,
-    a DreamBooth model prompts as it was trained (dreambooth.instance_prompt), and a method that
+    """The method's prompt template; txt2img and real-guidance draw one of their template list
+    (generate.txt2img_templates, generate.real_guidance_templates) per image, a DreamBooth model prompts as it was trained (dreambooth.instance_prompt), and a method that
     mixes captions has none (None)."""
     method = methods.get(settings.method)
     if method.captions:
@@ -66,9 +66,17 @@ def template_for(settings: GenerateSettings, image_id: str, j: int) -> str | Non
         return settings.adapter_prompt
     if not method.draws_template:
         return method.template
-    templates = settings.txt2img_templates
+    templates = getattr(settings, method.templates)
     draw = numpy_rng(settings.seed, "generate", settings.method, image_id, j, "template").integers(len(templates))
     return templates[int(draw)]
+
+
+def check_templates(settings: GenerateSettings) -> None:
+    """Each template of the list the method draws from has a place for the class name."""
+    method = methods.get(settings.method)
+    for i, template in enumerate(getattr(settings, method.templates) if method.templates else ()):
+        if "{}" not in template:
+            raise PipelineError(f"generate.{method.templates}[{i}] {template!r} has no '{{}}'. Expected a place for the class name.")
 
 
 def plan_items(settings: GenerateSettings, rows: list[dict]) -> list[WorkItem]:

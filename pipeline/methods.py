@@ -31,14 +31,16 @@ ADAPTERS = ("dreambooth", "mvc")  # the stages that adapt the model's weights to
 STARTS = ("source", "noise")  # a source image noised to t0 (SDEdit), or pure noise (text-to-image)
 REGIONS = ("image", "object", "background")  # the part of the source a method re-generates
 FILLS = ("token", "class_name", None)  # what replaces "{}" in the prompt template
+# The config's template lists (generate.<name>) a method can draw its prompts from.
+TEMPLATE_LISTS = ("txt2img_templates", "real_guidance_templates")
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     kind: str  # the pipeline.makers module that makes its images
-    # "{}" is filled per `fill`. None: one of generate.txt2img_templates per image, or with an
-    # adapter the prompt the adapter was trained with (dreambooth.instance_prompt).
+    # "{}" is filled per `fill`. None: one of the `templates` list per image, or with an adapter the
+    # prompt the adapter was trained with (dreambooth.instance_prompt).
     template: str | None
     fill: str | None
     start: str = "source"
@@ -47,6 +49,8 @@ class Method:
     adapter: str | None = None  # one of ADAPTERS: generate with the subset's adapted model
     # Condition on mixed embeddings of the class's captions (MVC's Algorithm 1) instead of a prompt.
     captions: bool = False
+    # The generate.* list of templates (one of TEMPLATE_LISTS) it draws one prompt from per image.
+    templates: str | None = None
 
     def __post_init__(self):
         if self.start not in STARTS or self.region not in REGIONS or self.fill not in FILLS:
@@ -57,6 +61,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: adapter is none of {ADAPTERS}, or it has a template of its own")
         if self.captions and (self.template is not None or self.fill is not None):
             raise ValueError(f"method {self.name!r} conditions on captions: it has no template or fill")
+        if self.templates not in (None, *TEMPLATE_LISTS) or (self.templates and (self.template is not None or self.adapter)):
+            raise ValueError(f"method {self.name!r}: templates is none of {TEMPLATE_LISTS}, or it has a template or adapter of its own")
 
     @property
     def needs(self) -> frozenset[str]:
@@ -73,7 +79,7 @@ class Method:
 
     @property
     def draws_template(self) -> bool:
-        return self.template is None and self.adapter is None and not self.captions
+        return self.templates is not None
 
     def prompt(self, template: str, class_name: str, class_tokens: dict[str, str]) -> str:
         """The prompt of one image of class `class_name` (`class_tokens`: class name -> its learned token)."""
@@ -92,11 +98,12 @@ METHODS = {
         Method("dafusion", "img2img", "a photo of a {}", "token"),
         # DA-Fusion's single-intensity ablation (Fig. 10): the same, every copy at t0 = 0.5.
         Method("dafusion-fixed-t0", "img2img", "a photo of a {}", "token", strength=0.5),
-        # Real Guidance (He et al. 2022): the class name in the prompt, t0 = 0.5.
-        Method("real-guidance", "img2img", "a photo of a {}", "class_name", strength=0.5),
+        # Real Guidance (He et al. 2022): the class name in the prompt (generate.real_guidance_templates,
+        # "a photo of a {}" unless a descriptive one is given, as DA-Fusion's Fig. 5), t0 = 0.5.
+        Method("real-guidance", "img2img", None, "class_name", strength=0.5, templates="real_guidance_templates"),
         Method("class-agnostic", "img2img", "a photo", None),
         # Vanilla Stable Diffusion synthetic data: a class-name template, no real image.
-        Method("txt2img", "txt2img", None, "class_name", start="noise"),
+        Method("txt2img", "txt2img", None, "class_name", start="noise", templates="txt2img_templates"),
         # Text-to-image with the learned token instead of the name (the Wisconsin study's textual
         # inversion synthetic set, its Table 1).
         Method("txt2img-token", "txt2img", "a photo of a {}", "token", start="noise"),

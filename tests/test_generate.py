@@ -244,6 +244,12 @@ def test_real_guidance_and_class_agnostic_strengths_and_prompts(model_dir, subse
     agnostic = run(config, subset, None, tmp_path / "ca", method="class-agnostic")
     assert {(row["prompt"], row["strength"]) for row in agnostic} == {("a photo", 0.75)}
     assert {row["seed"] for row in real}.isdisjoint(row["seed"] for row in agnostic)
+    # A descriptive template (DA-Fusion's Fig. 5) replaces the default; a template without "{}" is refused.
+    described = run(make_config(model_dir, num_per_image=1, real_guidance_templates=["a photo of a {}, a kind of pet"]),
+                    subset, None, tmp_path / "rg-described", method="real-guidance")  # fmt: skip
+    assert {row["prompt"] for row in described} == {f"a photo of a {c}, a kind of pet" for c in CLASSES}
+    with pytest.raises(PipelineError, match=r"generate.real_guidance_templates\[0\] 'a pet' has no '\{\}'"):
+        run(make_config(model_dir, real_guidance_templates=["a pet"]), subset, None, tmp_path / "bad", method="real-guidance")
 
 
 def test_the_fixed_t0_ablation_is_dafusion_at_one_half_for_every_copy(model_dir, subset):

@@ -36,6 +36,7 @@ def test_how_a_job_runs_is_not_in_its_key():
     ("setting", "changes"),
     [
         ({"txt2img_templates": ["a drawing of a {}"]}, {"txt2img"}),
+        ({"real_guidance_templates": ["a photo of a {}, a kind of digit"]}, {"real-guidance"}),
         ({"mask_dilation": 3}, {"inpaint-fg", "inpaint-bg"}),
         ({"strength": 0.75}, {"dafusion", "class-agnostic", "inpaint-fg", "inpaint-bg", "dreambooth-sdedit"}),
         ({"num_intensities": 2}, {"dafusion", "class-agnostic", "inpaint-fg", "inpaint-bg", "dreambooth-sdedit"}),

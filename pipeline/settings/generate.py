@@ -11,8 +11,8 @@ from pipeline.settings import StageSettings, at
 @dataclass(frozen=True)
 class GenerateSettings(StageSettings):
     """A setting the method cannot use is None (and so out of its key): `strength` and
-    `num_intensities` for text-to-image, `num_intensities` for a fixed t0, `txt2img_templates` for
-    a method with its own prompt, `mask_dilation` for one that re-generates the whole image,
+    `num_intensities` for text-to-image, `num_intensities` for a fixed t0, each template list
+    (`txt2img_templates`, `real_guidance_templates`) for a method that does not draw from it, `mask_dilation` for one that re-generates the whole image,
     `adapter_prompt` for one without a DreamBooth model, `coarse_swaps` and `fine_swaps` for one that
     does not mix caption embeddings.
     Editing generate.txt2img_templates therefore reruns the txt2img shards only.
@@ -36,6 +36,7 @@ class GenerateSettings(StageSettings):
     strength: float | None = at("generate.strength")  # every copy's t0 (the method's own, else this); None: drawn, or no source
     num_intensities: int | None = at("generate.num_intensities")  # k of the drawn t0 in {1/k, ..., k/k}
     txt2img_templates: tuple[str, ...] | None = at("generate.txt2img_templates")
+    real_guidance_templates: tuple[str, ...] | None = at("generate.real_guidance_templates")
     mask_dilation: int | None = at("generate.mask_dilation")
     adapter_prompt: str | None = at("dreambooth.instance_prompt")  # an adapted model's prompt
     coarse_swaps: int | None = at("mvc.coarse_swaps")  # MVC's P and Q of a caption-mixing method
@@ -55,8 +56,9 @@ class GenerateSettings(StageSettings):
             values.update(strength=spec.strength, num_intensities=None)
         elif values["strength"] is not None:
             values["num_intensities"] = None
-        if not spec.draws_template:
-            values["txt2img_templates"] = None
+        for name in methods.TEMPLATE_LISTS:  # only the list the method draws from
+            if spec.templates != name:
+                values[name] = None
         if spec.region == "image":
             values["mask_dilation"] = None
         if spec.adapter != "dreambooth":
