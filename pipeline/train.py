@@ -105,6 +105,7 @@ def train_classifier(
         "leakage_prevention": settings.leakage_prevention,
         "augmentations": augmentations,
         "recipe": settings.recipe,
+        "optimizer": settings.optimizer or "sgd",  # the finetune recipe's is always SGD
         "examples_per_class": data.subset_meta.get("examples_per_class"),
         "trial_seed": trial_seed,
         "split": "test",

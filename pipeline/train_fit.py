@@ -130,8 +130,15 @@ def fit_cached_features(
     def val_accuracy() -> float:
         return _accuracy(_predict(model.head, val_features, loader.batch_size), val_labels)
 
-    optimizer = torch.optim.Adam(model.head.parameters(), lr=settings.learning_rate)
+    optimizer = head_optimizer(model.head, settings)
     return _fit(model, model.head, batches(), optimizer, False, two_phase, val_accuracy, settings, desc)
+
+
+def head_optimizer(head: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """The frozen-backbone recipe's optimizer of the linear head: Adam (DA-Fusion) or SGD with momentum."""
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(head.parameters(), lr=settings.learning_rate, momentum=settings.momentum)
+    return torch.optim.Adam(head.parameters(), lr=settings.learning_rate)
 
 
 class PlanDataset(Dataset):
@@ -184,7 +191,7 @@ def fit_pixels(
         # The backbone never changes: embed val once and score the head alone.
         val_inputs = _embed(model, loader, val, "embed val images")[0]
         score = model.head
-        optimizer = torch.optim.Adam(model.head.parameters(), lr=settings.learning_rate)
+        optimizer = head_optimizer(model.head, settings)
     else:
         val_inputs = loader.decode_all(val, "decode val images")
         score = lambda images: model(loader.to_input(images))  # noqa: E731

@@ -105,10 +105,16 @@ def train_key(method: str, **train) -> dict:
         ({"randaugment": {"num_ops": 3, "magnitude": 9}}, {"randaugment"}),
         ({"finetune": {"backbone_learning_rate": 0.5}}, set()),  # recipe "paper": the backbone is frozen
         ({"learning_rate": 0.5}, set(TRAIN_NAMES)),
+        ({"optimizer": "sgd"}, set(TRAIN_NAMES)),
+        ({"momentum": 0.5}, set()),  # Adam's head: no momentum
     ],
 )
 def test_a_train_setting_is_in_the_key_of_exactly_the_methods_it_can_change(setting, changes):
     assert {name for name in TRAIN_NAMES if train_key(name, **setting) != train_key(name)} == changes
+
+
+def test_the_heads_optimizer_is_out_of_the_finetune_recipes_key():
+    assert train_key("baseline", recipe="finetune", optimizer="sgd", momentum=0.5) == train_key("baseline", recipe="finetune")
 
 
 def test_train_epochs_replace_steps_and_speed_settings_stay_out():

@@ -144,6 +144,22 @@ def test_linear_probe_on_digits_is_far_above_chance(ten_digits, tmp_path):
     assert (result["best_step"], result["val_accuracy"]) == (best["step"], best["val_accuracy"])
 
 
+def test_the_frozen_recipe_trains_its_head_with_sgd_when_asked(three_digits, tmp_path, monkeypatch):
+    """train.optimizer: sgd (study 001's frozen-backbone runs): torch's SGD with train.momentum, recorded."""
+    from pipeline import train_fit
+
+    built = []
+    original = train_fit.head_optimizer
+    monkeypatch.setattr(train_fit, "head_optimizer", lambda head, settings: built.append(original(head, settings)) or built[-1])
+    subset_path, manifest_path, _, _ = three_digits
+    for optimizer in ("adam", "sgd"):
+        result = train_classifier(make_config(optimizer=optimizer, momentum=0.8), subset_path, manifest_path, [], "baseline", 0, tmp_path / f"{optimizer}.json")
+        assert result["optimizer"] == optimizer
+    adam, sgd = built
+    assert isinstance(adam, torch.optim.Adam) and isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["momentum"] == 0.8 and sgd.defaults["lr"] == 1e-2
+
+
 def test_selection_uses_val_never_test(tmp_path):
     """Test = the val images with the two labels swapped, so test accuracy = 1 - val accuracy for any
     model: selecting on val must report the best val step and the complement of its accuracy."""

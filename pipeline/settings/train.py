@@ -48,6 +48,8 @@ class TrainSettings(StageSettings):
     epochs: int | None = at("train.epochs")
     batch_size: int = at("train.batch_size")
     learning_rate: float = at("train.learning_rate")
+    optimizer: str | None = at("train.optimizer")  # the head's under recipe paper
+    momentum: float | None = at("train.momentum")  # of optimizer sgd
     finetune: dict | None = at("train.finetune")
     flip: bool = at("train.flip")
     rotation_degrees: float = at("train.rotation_degrees")
@@ -83,6 +85,10 @@ class TrainSettings(StageSettings):
                 values.update(dict.fromkeys(names))
         if values["recipe"] == "paper":
             values["finetune"] = None
+        else:
+            values.update(optimizer=None, momentum=None)
+        if values["optimizer"] != "sgd":
+            values["momentum"] = None
         if values["epochs"] is not None:
             values.update(steps=None, eval_every=None)
         return cls(method, synthetic_method, tuple(augmentations), **values)
