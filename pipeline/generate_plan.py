@@ -57,8 +57,9 @@ def lowest_strength(settings: GenerateSettings) -> float:
 
 def template_for(settings: GenerateSettings, image_id: str, j: int) -> str | None:
     """The method's prompt template; txt2img and real-guidance draw one of their template list
-    (generate.txt2img_templates, generate.real_guidance_templates) per image, a DreamBooth model prompts as it was trained (dreambooth.instance_prompt), and a method that
-    mixes captions has none (None)."""
+    (generate.txt2img_templates, generate.real_guidance_templates) per image, a DreamBooth model
+    prompts as it was trained (dreambooth.instance_prompt), and a method that mixes captions has
+    none (None)."""
     method = methods.get(settings.method)
     if method.captions:
         return None

@@ -253,50 +253,41 @@ def image_grid(manifest_rows: dict[str, dict], shard_rows: list[dict], max_sourc
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def token_samples_grid(grid_path: Path, thumb: int = 64) -> str:
-    """A subset's token sample grid (pipeline.token_samples) with each row labelled by its class,
-    tiles shrunk to `thumb` px, as a PNG data URI."""
+def _labelled_grid(grid_path: Path, tile: int, row_labels: list[str], column_labels: list[str] | None, thumb: int, label_w: int) -> str:
+    """A sample grid of tile x tile images with each row's label at its left (and, given, each
+    column's above it), tiles shrunk to `thumb` px, as a PNG data URI."""
     from PIL import Image, ImageDraw
 
-    legend = read_json(Path(layout.grid_legend(grid_path)))
-    rows, columns = len(legend["rows"]), len(legend["column_seeds"])
-    tile, label_w = legend["tile_size"], 150
+    header_h = 16 if column_labels else 0
     with Image.open(grid_path) as grid:
         grid = grid.convert("RGB")
-    canvas = Image.new("RGB", (label_w + columns * thumb, rows * thumb), "white")
+    rows, columns = len(row_labels), grid.width // tile
+    canvas = Image.new("RGB", (label_w + columns * thumb, header_h + rows * thumb), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, row in enumerate(legend["rows"]):
+    for c, name in enumerate(column_labels or ()):
+        draw.text((label_w + c * thumb + 2, 2), name, fill="black")
+    for r, label in enumerate(row_labels):
         for c in range(columns):
             sample = grid.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)).resize((thumb, thumb))
-            canvas.paste(sample, (label_w + c * thumb, r * thumb))
-        draw.text((4, r * thumb + thumb // 2 - 6), f"{row['class_name']}"[:22], fill="black")
+            canvas.paste(sample, (label_w + c * thumb, header_h + r * thumb))
+        draw.text((4, header_h + r * thumb + thumb // 2 - 6), label, fill="black")
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def token_samples_grid(grid_path: Path, thumb: int = 64) -> str:
+    """A subset's token sample grid (pipeline.token_samples), each row labelled by its class."""
+    legend = read_json(Path(layout.grid_legend(grid_path)))
+    return _labelled_grid(grid_path, legend["tile_size"], [row["class_name"][:22] for row in legend["rows"]], None, thumb, 150)
 
 
 def mix_samples_grid(grid_path: Path, thumb: int = 64) -> str:
     """A subset's mix sample grid (pipeline.mix_samples) under a header naming each column, each row
-    labelled by its class, tiles shrunk to `thumb` px, as a PNG data URI."""
-    from PIL import Image, ImageDraw
-
+    labelled by its class."""
     legend = read_json(Path(layout.grid_legend(grid_path)))
-    rows, columns = len(legend["rows"]), len(legend["columns"])
-    tile, label_w, header_h = legend["tile_size"], 70, 16
-    with Image.open(grid_path) as grid:
-        grid = grid.convert("RGB")
-    canvas = Image.new("RGB", (label_w + columns * thumb, header_h + rows * thumb), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, name in enumerate(legend["columns"]):
-        draw.text((label_w + c * thumb + 2, 2), name.replace("conditioning image", "condition")[:11], fill="black")
-    for r, row in enumerate(legend["rows"]):
-        for c in range(columns):
-            sample = grid.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)).resize((thumb, thumb))
-            canvas.paste(sample, (label_w + c * thumb, header_h + r * thumb))
-        draw.text((4, header_h + r * thumb + thumb // 2 - 6), f"{row['class_name']}"[:10], fill="black")
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    columns = [name.replace("conditioning image", "condition")[:11] for name in legend["columns"]]
+    return _labelled_grid(grid_path, legend["tile_size"], [row["class_name"][:10] for row in legend["rows"]], columns, thumb, 70)
 
 
 def mix_distance_table(legends: list[dict]) -> str:

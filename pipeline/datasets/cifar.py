@@ -95,30 +95,21 @@ def read_cifar(root: Path, settings: PrepareSettings) -> Source:
         raise PipelineError(f"{base / layout.meta}: no {layout.names_key!r}. Got keys {sorted(meta)}")
     classes = [str(name).replace("_", " ") for name in meta[layout.names_key]]
     jobs: list[ClassifiedImage] = []
-    files: list[tuple[str, Path]] = []
+    pixels: dict[str, np.ndarray] = {}  # split -> its images in the official order (about 180 MB in all)
     for split, names in (("train", layout.train), ("test", layout.test)):
-        offset = 0
-        for name in names:
-            _, labels = read_batch(base / name, layout.labels_key, len(classes))
-            files.append((split, base / name))
-            for index, label in enumerate(labels, start=offset):
-                image_id = f"{settings.name}-{split}-{index:05d}"
-                jobs.append(ClassifiedImage(image_id, f"{split}/{index:05d}.png", SOURCE_SPLIT[split], classes[label], None))
-            offset += len(labels)
-    return Source(classes=classes, jobs=jobs, label_image=label_image,
-                  write_images=partial(write_images, files, layout.labels_key, len(classes)))  # fmt: skip
+        batches = [read_batch(base / name, layout.labels_key, len(classes)) for name in names]
+        pixels[split] = np.concatenate([images for images, _ in batches])
+        labels = [label for _, batch_labels in batches for label in batch_labels]
+        for index, label in enumerate(labels):
+            image_id = f"{settings.name}-{split}-{index:05d}"
+            jobs.append(ClassifiedImage(image_id, f"{split}/{index:05d}.png", SOURCE_SPLIT[split], classes[label], None))
+    return Source(classes=classes, jobs=jobs, label_image=label_image, write_images=partial(write_images, pixels))
 
 
-def write_images(files: list[tuple[str, Path]], labels_key: str, num_classes: int, image_root: Path) -> None:
-    """Every image of `files` as <split>/<index>.png under `image_root`, numbered as read_cifar's jobs."""
-    offsets: dict[str, int] = {}
-    total = 0
-    for split, path in files:
-        pixels, _ = read_batch(path, labels_key, num_classes)
-        (image_root / split).mkdir(parents=True, exist_ok=True)
-        start = offsets.get(split, 0)
-        for index, image in enumerate(progress(pixels, len(pixels), f"write {path.name} as PNG"), start=start):
+def write_images(pixels: dict[str, np.ndarray], image_root: Path) -> None:
+    """Each split's images as <split>/<index>.png under `image_root`, numbered as read_cifar's jobs."""
+    for split, images in pixels.items():
+        (image_root / split).mkdir(parents=True)
+        for index, image in enumerate(progress(images, len(images), f"write {split} images as PNG")):
             Image.fromarray(image).save(image_root / split / f"{index:05d}.png", compress_level=1)
-        offsets[split] = start + len(pixels)
-        total += len(pixels)
-    log.info("wrote %d CIFAR images as PNG into %s", total, image_root)
+    log.info("wrote %d CIFAR images as PNG into %s", sum(len(images) for images in pixels.values()), image_root)
