@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline import PipelineError, __version__
 from pipeline.config import load_config
 from pipeline.progress import setup_logging
+from pipeline.sweeps import parse_overrides, with_overrides
 
 log = logging.getLogger("pipeline")
 
@@ -157,13 +158,25 @@ def cmd_oracle_scores(args, config):
 def cmd_train(args, config):
     from pipeline.train import train_classifier
 
-    train_classifier(config, args.subset, args.manifest, args.synthetic, args.method, args.seed, args.out)
+    train_classifier(config, args.subset, args.manifest, args.synthetic, args.method, args.seed, args.out, overrides=parse_overrides(args.overrides))
+
+
+def cmd_zeroshot(args, config):
+    from pipeline.zeroshot import zero_shot_accuracy
+
+    zero_shot_accuracy(config, args.manifest, args.out)
 
 
 def cmd_report(args, config):
     from pipeline.report import build_report
 
     build_report(config, args.out)
+
+
+def cmd_compare(args, config):
+    from pipeline.compare import compare_runs
+
+    compare_runs(args.results, args.out, across_datasets=args.across_datasets)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     def stage(name, func, help_text):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", type=Path, required=True, help="YAML config (validated; defaults filled in)")
+        p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override one config key, e.g. generate.strength=0.5 (repeatable; how the workflow runs a sweep's variant)")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         p.set_defaults(func=func)
         return p
@@ -280,8 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True, help="trial seed")
     p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
 
+    p = stage("zeroshot", cmd_zeroshot, "Zero-shot CLIP (zeroshot.model) on the manifest's test split: the reference row with no training image.")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="JSON to write")
+
     p = stage("report", cmd_report, "Gather the results the config asks for (under its `results` folder) into summary.csv and an HTML page.")
     p.add_argument("--out", type=Path, required=True, help="report folder")
+
+    # Reads only what reports wrote: no config.
+    help_text = "Compare the reports of several results folders: sweeps, accuracy averaged over k, normalised score, per class."
+    p = sub.add_parser("compare", help=help_text, description=help_text)
+    p.add_argument("results", type=Path, nargs="+", help="results folders (or their report/ folders)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write index.html and scores.csv to")
+    p.add_argument("--across-datasets", action="store_true", help="runs of different datasets: score each method by DA-Fusion's normalised score")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_compare, config=None, overrides=None)
     return parser
 
 
@@ -295,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        config = load_config(args.config)
+        config = None if args.config is None else with_overrides(load_config(args.config), parse_overrides(args.overrides))
         if args.func in PINNED_THREADS:
             from pipeline.device import pin_cpu_threads
 

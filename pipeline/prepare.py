@@ -33,6 +33,7 @@ from pipeline.datasets import BAD_INPUT, SOURCE_SPLITS, LabelContext, Labelled, 
 from pipeline.datasets.cifar import read_cifar
 from pipeline.datasets.coco import read_coco
 from pipeline.datasets.folder import read_folder
+from pipeline.datasets.fine_grained import read_fgvc_aircraft, read_stanford_cars
 from pipeline.datasets.torchvision_sets import read_caltech101, read_flowers102
 from pipeline.datasets.voc import find_voc_root, read_voc
 from pipeline.io import atomic_path, write_json, write_parquet
@@ -52,6 +53,8 @@ READERS = {
     "folder": read_folder,
     "caltech101": read_caltech101,
     "flowers102": read_flowers102,
+    "fgvc_aircraft": read_fgvc_aircraft,
+    "stanford_cars": read_stanford_cars,
     "cifar10": read_cifar,
     "cifar100": read_cifar,
 }

@@ -32,6 +32,7 @@ class Metrics:
     backbone: str | None
     per_class_accuracy: dict[str, float | None]  # None: the class has no test image
     leakage_prevention: str | None  # pipeline.methods.LEAKAGE_MODES; None in results written before it was recorded
+    paper_accuracy: float | None = None  # train.paper_protocol: best accuracy over checkpoints on val + test
 
     @classmethod
     def read(cls, path: str, method: str, k: int, trial_seed: int) -> Metrics:
@@ -39,7 +40,7 @@ class Metrics:
         return cls(
             method, k, trial_seed, value["dataset"], value["split"], value["accuracy"], value["mean_class_accuracy"],
             value.get("val_accuracy"), value.get("best_step"), value.get("n_train_real"), value.get("n_synthetic"),
-            value.get("backbone"), value.get("per_class_accuracy") or {}, value.get("leakage_prevention"),
+            value.get("backbone"), value.get("per_class_accuracy") or {}, value.get("leakage_prevention"), value.get("paper_accuracy"),
         )  # fmt: skip
 
 
@@ -96,10 +97,11 @@ class Results:
 
 
 def read_results(settings: ReportSettings) -> Results:
-    """Every metrics, FID and oracle record a complete run has written."""
-    results, pairs, generation = settings.results, settings.subsets, settings.generate_methods
+    """Every metrics, FID and oracle record a complete run has written, under run names (methods and
+    their sweep variants, pipeline.sweeps)."""
+    results, pairs, generation = settings.results, settings.subsets, settings.generate_runs
     return Results(
-        metrics=[Metrics.read(layout.metrics(results, m, k, s), m, k, s) for m in settings.train_methods for k, s in pairs],
+        metrics=[Metrics.read(layout.metrics(results, m, k, s), m, k, s) for m in settings.train_runs for k, s in pairs],
         fid=[Fid.read(layout.fid(results, m, k, s), m, k, s) for m in generation for k, s in pairs],
         oracle=[OracleScores.read(layout.oracle_scores(results, m, k, s), m, k, s) for m in generation for k, s in pairs] if settings.oracle else [],
     )

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import PipelineError, layout
-from pipeline.augment import parse_method
-from pipeline.io import atomic_path, decode_image, read_json
+from pipeline.compare import PER_CLASS_ACCURACY_FILE, PER_CLASS_FID_FILE, RUN_FILE, averaged_over_k_table, sweep_sections
+from pipeline.io import atomic_path, decode_image, read_json, write_json
 from pipeline.manifest import read_manifest, read_shards
 from pipeline.methods import needing
 from pipeline.records import Fid, Metrics, OracleScores, read_results
+from pipeline.report_html import CSS, confidence_interval_68, fmt, png_data_uri, table, write_csv
 from pipeline.settings.report import ReportSettings
 
 log = logging.getLogger(__name__)
@@ -42,25 +43,17 @@ SUMMARY_COLUMNS = [
     "n_synthetic",
     "backbone",
     "leakage_prevention",
+    "paper_accuracy",
 ]
 # FID's covariance is rank-deficient below the feature dimension: values are biased upwards.
 FID_RELIABLE_N = 2048
 
 
-def confidence_interval_68(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 68% Student-t interval of the mean (half-width NaN for one value)."""
-    from scipy import stats
-
-    arr = np.asarray(values, dtype=np.float64)
-    mean = float(arr.mean())
-    if arr.size < 2:
-        return mean, math.nan
-    sem = arr.std(ddof=1) / math.sqrt(arr.size)
-    return mean, float(stats.t.ppf(0.84, arr.size - 1) * sem)
-
-
-def summary_rows(metrics: list[Metrics]) -> list[dict]:
-    rows = [{column: getattr(m, column) for column in SUMMARY_COLUMNS} for m in metrics]
+def summary_rows(metrics: list[Metrics], sweep_settings: dict[str, dict] | None = None) -> list[dict]:
+    """One row per classifier; `method` is its run name (pipeline.sweeps), and each swept key has a
+    column with the value in effect (`sweep_settings`: run -> {key: value}, ReportSettings)."""
+    sweep_settings = sweep_settings or {}
+    rows = [{**{column: getattr(m, column) for column in SUMMARY_COLUMNS}, **sweep_settings.get(m.method, {})} for m in metrics]
     return sorted(rows, key=lambda r: (str(r["method"]), r["examples_per_class"], r["trial_seed"]))
 
 
@@ -94,13 +87,40 @@ def per_class_quality(fid_records: list[Fid], k: int | None) -> dict[str, dict[s
     }
 
 
-def synthetic_quality(fid_records: list[Fid], train_methods: list[str]) -> dict[tuple[str, int], dict]:
-    """FID and KID of each training method's synthetic source by examples per class, averaged over
-    trial seeds: {(train method, k): {"synthetic_method", "fid", "kid", "n"}}; real-only methods are absent."""
-    generation = {record.method for record in fid_records}
+def zeroshot_label(record: dict) -> str:
+    """The zero-shot row's name in the tables: the model and its pretrained weights."""
+    return f"zero-shot CLIP {record['model'].rsplit('/', 1)[-1].removesuffix('.json')} ({record['pretrained'] or 'random weights'})"
+
+
+def per_class_accuracy_rows(metrics: list[Metrics]) -> list[dict]:
+    """per_class_accuracy.csv: each run's accuracy on each class at each k, mean over trial seeds
+    (classes without a test image left out)."""
+    values: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    for m in metrics:
+        for name, acc in m.per_class_accuracy.items():
+            if acc is not None:
+                values[(m.method, m.examples_per_class, name)].append(acc)
+    return [{"method": run, "examples_per_class": k, "class": name, "accuracy": float(np.mean(v)), "n_trials": len(v)} for (run, k, name), v in values.items()]
+
+
+def per_class_fid_rows(fid_records: list[Fid]) -> list[dict]:
+    """per_class_fid.csv: FID and KID of each generation run's images of each class at each k, mean
+    over trial seeds (study 001's Table 1)."""
+    rows = []
+    for k in sorted({record.examples_per_class for record in fid_records}):
+        for run, by_class in per_class_quality(fid_records, k).items():
+            for name, scores in by_class.items():
+                n = sum(1 for r in fid_records if r.method == run and r.examples_per_class == k and name in r.per_class)
+                rows.append({"method": run, "examples_per_class": k, "class": name, "fid": scores["fid"], "kid": scores["kid"], "n_trials": n})
+    return rows
+
+
+def synthetic_quality(fid_records: list[Fid], synthetic_runs: dict[str, str | None]) -> dict[tuple[str, int], dict]:
+    """FID and KID of each training run's synthetic source by examples per class, averaged over
+    trial seeds: {(train run, k): {"synthetic_method", "fid", "kid", "n"}}; real-only runs are absent.
+    `synthetic_runs`: train run -> the generation run it trained on (ReportSettings)."""
     quality = {}
-    for method in train_methods:
-        source, _ = parse_method(method, generation)
+    for method, source in synthetic_runs.items():
         if source is None:
             continue
         by_k = defaultdict(list)
@@ -134,23 +154,10 @@ def quality_table(agg: dict, quality: dict, methods: list[str], ks: list[int], b
             rows.append([
                 f"<b>{html.escape(method)}</b>", str(k), accuracy, delta,
                 html.escape(synthetic["synthetic_method"]) if synthetic else "real only",
-                _fmt(synthetic["fid"], 2) if synthetic else "–",
-                _fmt(synthetic["kid"], 4) if synthetic else "–",
+                fmt(synthetic["fid"], 2) if synthetic else "–",
+                fmt(synthetic["kid"], 4) if synthetic else "–",
             ])
-    return _table(["method", "k", "test accuracy (%)", "vs baseline", "synthetic images", "FID ↓", "KID ↓"], rows)
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _png_data_uri(figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return table(["method", "k", "test accuracy (%)", "vs baseline", "synthetic images", "FID ↓", "KID ↓"], rows)
 
 
 def accuracy_plot(agg: dict, methods: list[str], ks: list[int], title: str) -> str:
@@ -177,7 +184,7 @@ def accuracy_plot(agg: dict, methods: list[str], ks: list[int], title: str) -> s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
-    uri = _png_data_uri(fig)
+    uri = png_data_uri(fig)
     plt.close(fig)
     return uri
 
@@ -213,7 +220,7 @@ def inversion_loss_plot(loss_files: dict[str, Path]) -> str:
     named = lines if len(lines) <= 12 else [line for line in lines if line.get_label() == layout.JOINT_LOSS_LABEL]
     if named:
         axes[0][-1].legend(handles=named, frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    uri = _png_data_uri(fig)
+    uri = png_data_uri(fig)
     plt.close(fig)
     return uri
 
@@ -298,23 +305,9 @@ def mix_distance_table(legends: list[dict]) -> str:
         values = [legend["mean_pixel_distance"][kind][str(n)] for legend in legends if str(n) in legend["mean_pixel_distance"][kind]]
         return float(np.mean(values))
 
-    rows = [[str(n), _fmt(mean("fine", n)), _fmt(mean("coarse", n)), _fmt(mean("coarse", n) / mean("fine", n), 2) if mean("fine", n) else "–"]
+    rows = [[str(n), fmt(mean("fine", n)), fmt(mean("coarse", n)), fmt(mean("coarse", n) / mean("fine", n), 2) if mean("fine", n) else "–"]
             for n in counts]  # fmt: skip
-    return _table(["swaps n", "fine (Q = n)", "coarse (P = n)", "coarse / fine"], rows)
-
-
-def _fmt(value, digits=3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return html.escape(str(value))
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return table(["swaps n", "fine (Q = n)", "coarse (P = n)", "coarse / fine"], rows)
 
 
 def accuracy_table(agg: dict, methods: list[str], ks: list[int], baseline: str | None) -> str:
@@ -338,7 +331,7 @@ def accuracy_table(agg: dict, methods: list[str], ks: list[int], baseline: str |
             text += f' <span class="n">n={entry["n"]}</span>'
             cells.append(text)
         rows.append(cells)
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def model_banner(settings: ReportSettings) -> str:
@@ -396,26 +389,16 @@ def strength_table(fid_records: list[Fid], oracle_records: list[OracleScores]) -
     for method, results in oracle_by_method.items():
         for t0, pooled in pool_oracle_scores(results).items():
             columns[(method, t0)]["oracle"] = pooled
-    mean = lambda values, scale=1.0, digits=2: _fmt(scale * float(np.mean(values)), digits) if values else "–"
+    mean = lambda values, scale=1.0, digits=2: fmt(scale * float(np.mean(values)), digits) if values else "–"
     rows = []
     if real:
         rows.append(["real test images", "–", "–", "–", "–", mean(real, 100, 1), "–", "0"])
     for (method, t0), v in sorted(columns.items(), key=lambda item: (item[0][0], float(item[0][1]) if item[0][1] != "none" else 9)):
         oracle = v.get("oracle")
-        scored = [str(oracle["n"]), _fmt(100 * oracle["agreement"], 1), _fmt(100 * oracle["source_agreement"], 1), _fmt(oracle["mean_abs_difference"], 3)] if oracle else ["–"] * 4
+        scored = [str(oracle["n"]), fmt(100 * oracle["agreement"], 1), fmt(100 * oracle["source_agreement"], 1), fmt(oracle["mean_abs_difference"], 3)] if oracle else ["–"] * 4
         rows.append([html.escape(method), html.escape(t0), scored[0], mean(v["fid"]), mean(v["kid"], 1, 4), *scored[1:]])
     headers = ["method", "t0", "images", "FID", "KID", "oracle agreement (%)", "on their sources, unedited (%)", "pixel distance"]
-    return _table(headers, rows)
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
-.up{color:#080}.down{color:#b00}.n{color:#888;font-size:.8em}.note{background:#fff8e1;border-left:4px solid #f5b800;padding:.5em 1em}
-.muted{color:#666;font-size:.9em}img{max-width:100%}
-"""
+    return table(headers, rows)
 
 
 def build_report(config: dict, out_dir: str | Path) -> dict:
@@ -426,19 +409,32 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     results = settings.results
     recorded = read_results(settings)
     metrics, fids = recorded.metrics, recorded.fid
-    rows = summary_rows(metrics)
+    rows = summary_rows(metrics, settings.sweep_settings)
     agg = aggregate(rows, "accuracy")
     agg_mca = aggregate(rows, "mean_class_accuracy")
-    methods = list(settings.train_methods)
+    methods = list(settings.train_runs)
     ks = sorted(set(settings.examples_per_class))
     baseline = "baseline" if "baseline" in methods else None
     dataset = settings.dataset
     manifest_rows, manifest_meta = read_manifest(layout.manifest(results))
     classes = manifest_meta["classes"]
 
-    quality = synthetic_quality(fids, methods)
+    quality = synthetic_quality(fids, settings.synthetic_runs)
+    reference = "real-guidance" if "real-guidance" in settings.train_methods and "real-guidance" != baseline else None
+    swept_keys = sorted({key for keys in settings.sweeps.values() for key in keys})
 
-    write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS)
+    write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS + swept_keys)
+    per_class_rows = per_class_accuracy_rows(metrics)
+    write_csv(out_dir / PER_CLASS_ACCURACY_FILE, per_class_rows, ["method", "examples_per_class", "class", "accuracy", "n_trials"])
+    write_csv(out_dir / PER_CLASS_FID_FILE, per_class_fid_rows(fids), ["method", "examples_per_class", "class", "fid", "kid", "n_trials"])
+    zeroshot = read_json(layout.zeroshot(results)) if settings.zeroshot_model else None
+    run_record = {
+        "dataset": dataset, "examples_per_class": ks, "trial_seeds": list(settings.trial_seeds), "model_id": settings.model_id,
+        "backbone": settings.backbone, "train_runs": methods, "generate_runs": list(settings.generate_runs),
+        "baseline": baseline, "reference": reference, "sweeps": settings.sweep_runs,
+        "zeroshot": {key: zeroshot[key] for key in ("model", "pretrained", "accuracy", "mean_class_accuracy", "n_test")} if zeroshot else None,
+    }  # fmt: skip
+    write_json(out_dir / RUN_FILE, run_record)
     leakage = {row["method"]: row["leakage_prevention"] for row in rows}
     by_method = [
         {"method": m, "examples_per_class": k, "n_trials": a["n"], "accuracy_mean": a["mean"], "accuracy_ci68": a["ci68"],
@@ -465,7 +461,20 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
         "in brackets, the difference to <i>baseline</i>. The model of each run was selected on the validation split; "
         "the number is on the held-out test split.</p>"
     )
-    sections.append(accuracy_table(agg, methods, ks, baseline))
+    if zeroshot is None:
+        sections.append(accuracy_table(agg, methods, ks, baseline))
+    else:
+        # The same number at every k: it saw no training image.
+        label = zeroshot_label(zeroshot)
+        with_reference = {**agg, **{(label, k): {"mean": zeroshot["accuracy"], "ci68": math.nan, "n": 1} for k in ks}}
+        sections.append(accuracy_table(with_reference, methods + [label], ks, baseline))
+        sections.append(
+            f'<p class="muted">{html.escape(label)}: no training image; each class the mean text embedding of the prompts '
+            f"{html.escape(', '.join(repr(t) for t in zeroshot['templates']))}, scored once on the same test images "
+            f"(mean per-class accuracy {100 * zeroshot['mean_class_accuracy']:.1f}%).</p>"
+        )
+        if zeroshot["pretrained"] is None:
+            sections.append('<p class="note">The zero-shot CLIP has random weights (zeroshot.pretrained: null): its row is chance, for tests only.</p>')
     modes = ", ".join(f"{html.escape(m)}: {html.escape(leakage.get(m) or 'not recorded')}" for m in methods if m in leakage)
     sections.append(f'<p class="muted">Leakage prevention (DA-Fusion section 6.1; data-centric: no class name in the prompt, '
                     f"model-centric: class names erased from the model): {modes}.</p>")
@@ -477,6 +486,24 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
             "in the FID section below.</p>"
         )
         sections.append(quality_table(agg, quality, methods, ks, baseline))
+    if any(row["paper_accuracy"] is not None for row in rows):
+        sections.append("<h2>Paper-compatible protocol: best accuracy over checkpoints on val + test (%)</h2>")
+        sections.append(
+            '<p class="note">Not a held-out number. This is the published protocol (train.paper_protocol): every checkpoint '
+            "is scored on the val and test images together (the official validation images) and the best score is reported, "
+            "so it is optimistic by construction. It is here to compare with published figures; the test accuracy above "
+            "is the honest number (selected on val, measured once on test).</p>"
+        )
+        sections.append(accuracy_table(aggregate(rows, "paper_accuracy"), methods, ks, baseline))
+    if len(ks) > 1:
+        sections.append("<h2>Test accuracy averaged over k</h2>")
+        sections.append(
+            '<p class="muted">Per trial seed, the mean of test accuracy over k = '
+            f"{', '.join(map(str, ks))}; mean ± 68% interval over trial seeds (DA-Fusion Figs. 8 and 9, bottom rows). "
+            "The gain is paired: the same subsets and initial weights as the baseline.</p>"
+        )
+        sections.append(averaged_over_k_table(rows, methods, ks, baseline))
+    sections += sweep_sections(rows, settings.sweep_runs, ks, baseline, reference)
     sections.append("<h2>Mean per-class accuracy (%)</h2>")
     sections.append(accuracy_table(agg_mca, methods, ks, baseline))
     sections.append(f'<img alt="accuracy vs examples per class" src="{accuracy_plot(agg, methods, ks, dataset)}">')
@@ -490,38 +517,39 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
                 per_class[(m.examples_per_class, m.method)][name].append(acc)
     for k in ks:
         table_rows = [
-            [html.escape(m)] + [_fmt(100 * float(np.mean(per_class[(k, m)][c])), 1) if per_class[(k, m)][c] else "–" for c in classes]
+            [html.escape(m)] + [fmt(100 * float(np.mean(per_class[(k, m)][c])), 1) if per_class[(k, m)][c] else "–" for c in classes]
             for m in methods if (k, m) in per_class
         ]  # fmt: skip
         if table_rows:
             sections.append(f"<h3>k={k}</h3>")
-            sections.append(_table(["method"] + classes, table_rows))
+            sections.append(table(["method"] + classes, table_rows))
 
     sections.append("<h2>Synthetic image quality: FID and KID against real training images</h2>")
     fid_rows, small = [], False
     for record in fids:
         small |= min(record.n_real, record.n_synthetic) < FID_RELIABLE_N
         fid_rows.append([
-            html.escape(record.method), html.escape(layout.subset_name(record.examples_per_class, record.trial_seed)), _fmt(record.fid, 2),
-            _fmt(record.kid, 4) + (f" ± {_fmt(record.kid_std, 4)}" if record.kid_std is not None else ""),
-            _fmt(record.n_real), _fmt(record.n_synthetic), _fmt(record.floor_fid, 2),
+            html.escape(record.method), html.escape(layout.subset_name(record.examples_per_class, record.trial_seed)), fmt(record.fid, 2),
+            fmt(record.kid, 4) + (f" ± {fmt(record.kid_std, 4)}" if record.kid_std is not None else ""),
+            fmt(record.n_real), fmt(record.n_synthetic), fmt(record.floor_fid, 2),
         ])
     if fid_rows:
-        sections.append(_table(["method", "subset", "FID", "KID", "n real", "n synthetic", "real-vs-real floor"], fid_rows))
+        sections.append(table(["method", "subset", "FID", "KID", "n real", "n synthetic", "real-vs-real floor"], fid_rows))
         sections.append(f'<p class="muted">Features: {html.escape(str(fids[0].feature_extractor))}; resize {html.escape(str(fids[0].resize))}.</p>')
     if small:
         sections.append(
             f'<p class="note">Fewer than {FID_RELIABLE_N} images on at least one side: the feature covariance is rank-deficient and '
             "FID is biased upwards; compare KID (unbiased for small sets) and the real-vs-real floor instead.</p>"
         )
-    class_fid = per_class_quality(fids, ks[-1] if ks else None)
-    if class_fid:
-        sections.append(f"<h3>Per class at k={ks[-1]}: FID / KID, mean over trial seeds</h3>")
-        sections.append(
-            _table(["method"] + classes, [[html.escape(m)] + [
-                f"{_fmt(class_fid[m][c]['fid'], 1)} / {_fmt(class_fid[m][c]['kid'], 3)}" if c in class_fid[m] else "–" for c in classes
-            ] for m in class_fid])  # fmt: skip
-        )
+    for k in ks:
+        class_fid = per_class_quality(fids, k)
+        if class_fid:
+            sections.append(f"<h3>Per class at k={k}: FID / KID, mean over trial seeds</h3>")
+            sections.append(
+                table(["method"] + classes, [[html.escape(m)] + [
+                    f"{fmt(class_fid[m][c]['fid'], 1)} / {fmt(class_fid[m][c]['kid'], 3)}" if c in class_fid[m] else "–" for c in classes
+                ] for m in class_fid])  # fmt: skip
+            )
 
     if fids:
         sections.append("<h2>What SDEdit strength t0 does</h2>")

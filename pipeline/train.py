@@ -24,9 +24,11 @@ import numpy as np
 import torch
 
 from pipeline import PipelineError
+from pipeline.augment import partner_method
 from pipeline.backbones import Classifier, build_backbone
 from pipeline.device import cpu_numerics, resolve_device
 from pipeline.io import write_json
+from pipeline.metrics import classification_metrics
 from pipeline.rng import derive_seed, numpy_rng
 from pipeline.settings.train import TrainSettings
 from pipeline.train_data import load_training_data
@@ -44,20 +46,26 @@ def train_classifier(
     method: str,
     trial_seed: int,
     out_path: Path,
+    overrides: dict | None = None,
 ) -> dict:
     """Train `method` on the subset (+ synthetic shards), select on val, write test metrics to `out_path`.
 
     The JSON written (and returned) holds the metrics of the selected model on the test split,
-    its validation accuracy and step, the mixing settings in effect (`mixing`, `synthetic_probability`,
+    its validation accuracy and step, with train.paper_protocol the papers' number
+    (`paper_accuracy`), the mixing settings in effect (`mixing`, `synthetic_probability`,
     `synthetic_proportion`, `two_phase`, see pipeline.train_plan) with the share of draws that were
     synthetic (`synthetic_fraction`), and the validation curve (`curve`: step, train_loss averaged
     over the steps since the previous evaluation, val_accuracy, and in two-phase runs `phase`).
+    `overrides` (the --set keys of a sweep's variant, pipeline.sweeps) are recorded as they are.
     The only reader of `config`: everything below gets the method's TrainSettings.
     """
     start = time.perf_counter()
     settings = TrainSettings.from_config(config, method)
     mixing = resolve_mixing(settings)
-    data = load_training_data(Path(subset_path), Path(manifest_path), [Path(p) for p in shard_paths], settings.synthetic_method, mixing.uses_synthetic)
+    data = load_training_data(
+        Path(subset_path), Path(manifest_path), [Path(p) for p in shard_paths], settings.synthetic_method, mixing.uses_synthetic,
+        all_train=settings.real_images == "all",
+    )
     if data.subset_meta.get("trial_seed", trial_seed) != trial_seed:
         raise PipelineError(f"{subset_path}: subset of trial seed {data.subset_meta['trial_seed']}, but trial seed {trial_seed} was asked for.")
 
@@ -82,15 +90,19 @@ def train_classifier(
             settings.flip,
             len(standard_angles(settings.rotation_degrees, settings.rotation_angles)),
             shared_rng=numpy_rng(seed, "train", trial_seed, "draws"),
-            method_rng=numpy_rng(seed, "train", method, trial_seed, "draws"),
+            # The only-original control draws its partner's replacements, to leave exactly those out.
+            method_rng=numpy_rng(seed, "train", partner_method(method) if settings.only_original else method, trial_seed, "draws"),
         )
+        real_images_drawn = len(np.unique(plan.pool_index[~plan.synthetic]))
         pool, plan = drawn_pool(data.real + data.synthetic, plan)
         loader = Loader(settings.image_size, settings.inference_batch_size, device)
         desc = f"train {method}"
+        # The paper protocol looks at the test images at every evaluation; selection never does.
+        official_rest = data.test if settings.paper_protocol else None
         if cached:
-            fit = fit_cached_features(model, pool, data.val, plan, loader, settings, mixing.two_phase, desc)
+            fit = fit_cached_features(model, pool, data.val, plan, loader, settings, mixing.two_phase, desc, official_rest)
         else:
-            fit = fit_pixels(model, pool, data.val, plan, loader, settings, mixing.two_phase, desc, augmentations)
+            fit = fit_pixels(model, pool, data.val, plan, loader, settings, mixing.two_phase, desc, augmentations, official_rest)
 
         # Only now, with the model chosen on val, is the test split loaded and scored.
         trainable(model).load_state_dict(fit.best_state)
@@ -101,6 +113,7 @@ def train_classifier(
     result = {
         "dataset": settings.dataset,
         "method": method,
+        "overrides": overrides or {},
         "synthetic_method": settings.synthetic_method,
         "leakage_prevention": settings.leakage_prevention,
         "augmentations": augmentations,
@@ -111,10 +124,15 @@ def train_classifier(
         "split": "test",
         **metrics,
         "val_accuracy": fit.best_val_accuracy,
+        # The papers' protocol (train.paper_protocol): the best accuracy over checkpoints on val + test.
+        "paper_protocol": settings.paper_protocol,
+        "paper_accuracy": max(point["official_val_accuracy"] for point in fit.curve) if settings.paper_protocol else None,
         "best_step": fit.best_step,
         "steps": settings.steps,
         "epochs": settings.epochs,
+        "real_images": settings.real_images,
         "n_train_real": len(data.real),
+        "real_images_drawn": real_images_drawn,  # fewer than n_train_real where proportion mode replaces or leaves some out
         "n_synthetic": len(data.synthetic),
         "mixing": mixing.mode,
         "synthetic_probability": mixing.probability,
@@ -140,19 +158,3 @@ def train_classifier(
         len(data.real), len(data.synthetic), 100 * result["synthetic_fraction"], result["seconds"],
     )
     return result
-
-
-def classification_metrics(predicted: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, per-class accuracy (recall; None for a class absent from `labels`) and its mean
-    over the classes present."""
-    per_class = {}
-    for index, name in enumerate(classes):
-        of_class = labels == index
-        per_class[name] = float((predicted[of_class] == index).mean()) if of_class.any() else None
-    present = [value for value in per_class.values() if value is not None]
-    return {
-        "accuracy": float((predicted == labels).mean()),
-        "mean_class_accuracy": float(np.mean(present)),
-        "per_class_accuracy": per_class,
-    }
-

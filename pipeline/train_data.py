@@ -3,7 +3,9 @@ synthetic shards, read and cross-checked into one `TrainingData` (torch-free).
 
 The image pool a run draws from is the subset's real images, then their synthetic versions grouped
 by source image in the order of the subset (within a source, by synthetic_id), so a draw's index
-into the pool says which image it is (pipeline.train_plan).
+into the pool says which image it is (pipeline.train_plan). With train.real_images: all, the real
+images are the subset's and then every other training image of the manifest (by image_id), which
+have no synthetic versions.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ class TrainingData:
 
 
 def load_training_data(
-    subset_path: Path, manifest_path: Path, shard_paths: list[Path], synthetic_method: str | None, use_synthetic: bool
+    subset_path: Path, manifest_path: Path, shard_paths: list[Path], synthetic_method: str | None, use_synthetic: bool,
+    all_train: bool = False,
 ) -> TrainingData:
     """Read and cross-check the subset, the manifest's val and test splits, and the synthetic shards.
+    `all_train`: the real images are the whole train split, the subset's first (train.real_images: all).
 
     Shards are always checked when the method names a synthetic source; their images are read only
     when `use_synthetic` (some draws can be synthetic: alpha > 0, p > 0 or a two-phase run).
@@ -69,13 +73,17 @@ def load_training_data(
         if not rows:
             raise PipelineError(f"{manifest_path}: no images in the {split} split. Expected val for model selection and test for the reported accuracy.")
 
+    subset_rows = real
+    if all_train:
+        in_subset = {row["image_id"] for row in real}
+        real = subset_rows + sorted((row for row in manifest_rows if row["split"] == "train" and row["image_id"] not in in_subset), key=lambda row: row["image_id"])
     if synthetic_method is None:
         if shard_paths:
             raise PipelineError(f"the training method uses no synthetic images, but {len(shard_paths)} synthetic shards were given ({shard_paths[0]}, ...).")
         return TrainingData(classes, real, [], np.zeros(len(real), dtype=np.int64), val, test, subset_meta)
     if not shard_paths:
         raise PipelineError(f"the training method mixes in {synthetic_method!r} images, but no synthetic shards were given.")
-    synthetic = _read_synthetic(shard_paths, synthetic_method, real, classes, with_images=use_synthetic)
+    synthetic = _read_synthetic(shard_paths, synthetic_method, subset_rows, classes, with_images=use_synthetic)
     if not use_synthetic:
         return TrainingData(classes, real, [], np.zeros(len(real), dtype=np.int64), val, test, subset_meta)
     flagged = sum(1 for row in synthetic if row["nsfw"])

@@ -13,6 +13,11 @@ Model selection: the step with the best validation accuracy (earliest on ties). 
 train.eval_every steps, after the last step and, in two-phase runs, after the last step of phase 1;
 phase 2 trains at the learning rate(s) times real_learning_rate_scale, and curve points carry their
 `phase` (1 or 2).
+
+The paper-compatible protocol (train.paper_protocol) also scores the official validation images
+(val and the held-out test split together) at every evaluation, into the curve's
+`official_val_accuracy`: the published protocol reports its best value over checkpoints. Selection
+never looks at it, so the held-out number stays what it is without it.
 """
 
 from __future__ import annotations
@@ -111,13 +116,16 @@ def fit_cached_features(
     settings: TrainSettings,
     two_phase: dict | None,
     desc: str,
+    official_rest: list[dict] | None = None,
 ) -> FitResult:
-    """Recipe "paper" without pixel augmentations: embed once, then train the head on features."""
+    """Recipe "paper" without pixel augmentations: embed once, then train the head on features.
+    `official_rest`: the images that, with val, are the official validation split (the test split;
+    paper protocol)."""
     angles = standard_angles(settings.rotation_degrees, settings.rotation_angles)
     pool_features = _embed(model, loader, pool, "embed training images", settings.flip, angles)
     pool_labels = _labels(pool).to(loader.device)
     val_features = _embed(model, loader, val, "embed val images")[0]
-    val_labels = _labels(val)
+    rest_features = _embed(model, loader, official_rest, "embed the other official val images")[0] if official_rest else None
     pool_index = torch.from_numpy(plan.pool_index).to(loader.device)
     view = torch.from_numpy(plan.flip.astype(np.int64) * len(angles) + plan.angle_index).to(loader.device)
     batch_size = settings.batch_size
@@ -127,11 +135,9 @@ def fit_cached_features(
             draws = slice(step * batch_size, (step + 1) * batch_size)
             yield pool_features[view[draws], pool_index[draws]], pool_labels[pool_index[draws]]
 
-    def val_accuracy() -> float:
-        return _accuracy(_predict(model.head, val_features, loader.batch_size), val_labels)
-
+    evaluate = _evaluator(model.head, val_features, _labels(val), rest_features, _labels(official_rest) if official_rest else None, loader.batch_size)
     optimizer = head_optimizer(model.head, settings)
-    return _fit(model, model.head, batches(), optimizer, False, two_phase, val_accuracy, settings, desc)
+    return _fit(model, model.head, batches(), optimizer, False, two_phase, evaluate, settings, desc)
 
 
 def head_optimizer(head: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -175,8 +181,10 @@ def fit_pixels(
     two_phase: dict | None,
     desc: str,
     augmentations: list[str],
+    official_rest: list[dict] | None = None,
 ) -> FitResult:
-    """Every draw augmented in pixel space and passed through the backbone at every step."""
+    """Every draw augmented in pixel space and passed through the backbone at every step.
+    `official_rest`: as in fit_cached_features."""
     pool_images = loader.decode_all(pool, "decode training images")
     dataset = PlanDataset(pool_images, _labels(pool), plan, standard_angles(settings.rotation_degrees, settings.rotation_angles), image_transform(augmentations, settings))
     draws = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers, pin_memory=loader.device.type == "cuda")
@@ -190,10 +198,12 @@ def fit_pixels(
     if model.frozen:
         # The backbone never changes: embed val once and score the head alone.
         val_inputs = _embed(model, loader, val, "embed val images")[0]
+        rest_inputs = _embed(model, loader, official_rest, "embed the other official val images")[0] if official_rest else None
         score = model.head
         optimizer = head_optimizer(model.head, settings)
     else:
         val_inputs = loader.decode_all(val, "decode val images")
+        rest_inputs = loader.decode_all(official_rest, "decode the other official val images") if official_rest else None
         score = lambda images: model(loader.to_input(images))  # noqa: E731
         finetune = settings.finetune
         optimizer = torch.optim.SGD(
@@ -204,13 +214,24 @@ def fit_pixels(
             momentum=finetune["momentum"],
             weight_decay=finetune["weight_decay"],
         )
-    val_labels = _labels(val)
-
-    def val_accuracy() -> float:
-        return _accuracy(_predict(score, val_inputs, loader.batch_size), val_labels)
-
+    evaluate = _evaluator(score, val_inputs, _labels(val), rest_inputs, _labels(official_rest) if official_rest else None, loader.batch_size)
     # Fine-tuning follows a cosine schedule; the head alone trains at a constant rate.
-    return _fit(model, model, batches(), optimizer, not model.frozen, two_phase, val_accuracy, settings, desc)
+    return _fit(model, model, batches(), optimizer, not model.frozen, two_phase, evaluate, settings, desc)
+
+
+def _evaluator(score: Callable, val_inputs: torch.Tensor, val_labels: torch.Tensor, rest_inputs, rest_labels, batch_size: int) -> Callable[[], dict]:
+    """What _fit scores at each evaluation: val accuracy (which selects) and, with the paper
+    protocol's other official validation images, the accuracy on val and those together."""
+
+    def evaluate() -> dict:
+        val_correct = _predict(score, val_inputs, batch_size) == val_labels
+        scores = {"val_accuracy": float(val_correct.float().mean())}
+        if rest_inputs is not None:
+            other_correct = _predict(score, rest_inputs, batch_size) == rest_labels
+            scores["official_val_accuracy"] = float(torch.cat([val_correct, other_correct]).float().mean())
+        return scores
+
+    return evaluate
 
 
 def train_step(forward: Callable, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -229,7 +250,7 @@ def _fit(
     optimizer: torch.optim.Optimizer,
     cosine: bool,
     two_phase: dict | None,
-    val_accuracy: Callable[[], float],
+    evaluate: Callable[[], dict],
     settings: TrainSettings,
     desc: str,
 ) -> FitResult:
@@ -251,9 +272,10 @@ def _fit(
         if step % eval_every and step not in (steps, phase_1_steps):
             continue
         model.eval()
-        accuracy = val_accuracy()
+        scores = evaluate()
         model.train()
-        point = {"step": step, "train_loss": float(loss_sum / loss_count), "val_accuracy": accuracy}
+        accuracy = scores["val_accuracy"]
+        point = {"step": step, "train_loss": float(loss_sum / loss_count), **scores}
         if two_phase:
             point["phase"] = 1 if step <= phase_1_steps else 2
         curve.append(point)
@@ -293,8 +315,3 @@ def predict_split(model: Classifier, rows: list[dict], loader: Loader, split: st
 
 def _labels(rows: list[dict]) -> torch.Tensor:
     return torch.tensor([row["label"] for row in rows], dtype=torch.long)
-
-
-def _accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((predicted == labels).float().mean())
-

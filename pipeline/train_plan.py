@@ -58,6 +58,7 @@ class Mixing:
     proportion: float | None  # p of proportion mode; None otherwise
     two_phase: dict | None  # {"synthetic_steps", "real_learning_rate_scale"[, "phase_1"]} of a two-phase run
     combined: bool = False  # draws uniform over the union of real and synthetic images (combined mode)
+    only_original: bool = False  # proportion mode's replaced images left out, not replaced (its control)
 
     @property
     def uses_synthetic(self) -> bool:
@@ -96,6 +97,8 @@ def resolve_mixing(settings: TrainSettings) -> Mixing:
     mode = settings.mixing
     if settings.synthetic_only:
         return Mixing("proportion", None, 1.0, None)
+    if settings.only_original:
+        return Mixing("proportion", None, settings.synthetic_proportion, None, only_original=True)
     if settings.synthetic_method is None:
         return Mixing(mode, 0.0 if mode == "probability" else None, 0.0 if mode == "proportion" else None, None)
     if settings.two_phase is not None:
@@ -122,7 +125,7 @@ def training_plan(
     draws = steps * batch_size
     views = draw_views(draws, flip, num_angles, shared_rng)
     if mixing.proportion is not None:
-        return draw_proportion_plan(real_labels, synthetic_counts, draws, mixing.proportion, views, shared_rng, method_rng)
+        return draw_proportion_plan(real_labels, synthetic_counts, draws, mixing.proportion, views, shared_rng, method_rng, mixing.only_original)
     if mixing.two_phase is not None:
         phase_1 = np.arange(draws) < mixing.two_phase["synthetic_steps"] * batch_size
         if mixing.two_phase.get("phase_1", "synthetic") == "combined":
@@ -173,11 +176,20 @@ def draw_proportion_plan(
     views: tuple[np.ndarray, np.ndarray],
     shared_rng: np.random.Generator,
     method_rng: np.random.Generator,
+    only_original: bool = False,
 ) -> TrainingPlan:
     """Draw real images uniformly with replacement, where the images that `fixed_replacements`
-    swaps are always replaced by their one synthetic version. Pool layout as in `draw_plan`."""
+    swaps are always replaced by their one synthetic version. Pool layout as in `draw_plan`.
+    `only_original`: draw from the images it keeps alone instead, and replace none (the control;
+    given its partner's `method_rng`, it leaves out exactly the images the partner replaces)."""
     synthetic_counts = np.asarray(synthetic_counts, dtype=np.int64)
     replacement = fixed_replacements(real_labels, synthetic_counts, synthetic_proportion, method_rng)
+    if only_original:
+        kept = np.flatnonzero(replacement < 0)
+        if len(kept) == 0:
+            raise PipelineError(f"train.synthetic_proportion {synthetic_proportion}: the only-original control keeps no real image. Expected a proportion below 1")
+        real_index = kept[shared_rng.integers(len(kept), size=draws)]
+        return _plan(real_index, views, np.full(draws, -1, dtype=np.int64), synthetic_counts, method_rng)
     real_index = shared_rng.integers(len(real_labels), size=draws)
     return _plan(real_index, views, replacement[real_index], synthetic_counts, method_rng)
 

@@ -85,6 +85,29 @@ def test_cutout_blacks_out_one_square():
     assert (out[:, ~black] == 1).all()
 
 
+def test_cutout_in_pixels_is_a_square_of_its_side_clipped_at_the_border():
+    image = torch.full((3, 40, 40), 255, dtype=torch.uint8)
+    transform = image_transform(["cutout"], train_options(cutout_size=[10, 16]))
+    whole, clipped = 0, 0
+    for seed in range(60):
+        torch.manual_seed(seed)
+        black = (transform(image) == 0).all(dim=0)
+        rows, cols = black.any(dim=1).nonzero(), black.any(dim=0).nonzero()
+        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert black.sum() == height * width and max(height, width) <= 16  # one axis-aligned rectangle
+        if height == width and height >= 10:
+            whole += 1
+        else:
+            clipped += 1
+            assert rows.min() == 0 or cols.min() == 0 or rows.max() == 39 or cols.max() == 39  # cut by the border
+    assert whole and clipped  # both happen over 60 draws on a 40 px image
+
+
+def test_cutout_size_must_be_ordered():
+    with pytest.raises(PipelineError, match="cutout_size"):
+        image_transform(["cutout"], train_options(cutout_size=[30, 10]))
+
+
 def test_cutout_scale_must_be_ordered():
     with pytest.raises(PipelineError, match="cutout_scale"):
         image_transform(["cutout"], train_options(cutout_scale=[0.3, 0.1]))

@@ -92,6 +92,26 @@ def test_vit_b_16_imagenet_checkpoint_is_resized_to_the_image_size(monkeypatch):
     assert torch.allclose(position[0, 1:], corners, atol=1e-6)
 
 
+def test_deit_from_timm_loads_its_checkpoint_resized_to_the_image_size(tmp_path, monkeypatch):
+    """The hub download replaced by a local random 224 px checkpoint, through timm's own loading:
+    at 64 px the 14 x 14 grid of position embeddings becomes 4 x 4 and every block weight is loaded."""
+    import timm
+
+    torch.manual_seed(0)
+    checkpoint = timm.create_model("deit_small_patch16_224", pretrained=False).state_dict()
+    torch.save(checkpoint, tmp_path / "deit.pth")
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *args, **kwargs: create(*args, pretrained_cfg_overlay={"file": str(tmp_path / "deit.pth")}, **kwargs))
+    backbone = build_backbone("deit_small", "imagenet", 64).eval()
+    assert backbone.feature_dim == 384 and backbone.trunk.pos_embed.shape == (1, 1 + 4 * 4, 384)
+    assert torch.equal(backbone.trunk.state_dict()["blocks.11.mlp.fc2.weight"], checkpoint["blocks.11.mlp.fc2.weight"])
+    assert torch.allclose(backbone.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    with torch.no_grad():
+        assert backbone(torch.rand(2, 3, 64, 64)).shape == (2, 384)
+    with pytest.raises(PipelineError, match=r"train\.image_size: got 72 for backbone deit_base.*multiple of its patch size 16"):
+        build_backbone("deit_base", "none", 72)
+
+
 def _train_a_few_steps(model: Classifier) -> None:
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -129,6 +129,52 @@ def test_report_tables_and_page(fake_results, tmp_path):
     assert [r["leakage_prevention"] for r in rows if r["method"] == "dafusion"] == ["data-centric"] * 4
 
 
+def test_report_writes_what_a_comparison_reads(fake_results, tmp_path):
+    out = tmp_path / "report"
+    build_report(fake_results, out)
+    run = json.loads((out / "run.json").read_text())
+    assert (run["dataset"], run["examples_per_class"], run["trial_seeds"], run["baseline"], run["sweeps"]) == ("demo", [1, 2], [0, 1], "baseline", {})
+    assert run["train_runs"] == ["baseline", "dafusion"]
+    with open(out / "per_class_accuracy.csv") as handle:
+        accuracy = {(r["method"], r["examples_per_class"], r["class"]): r for r in csv.DictReader(handle)}
+    assert float(accuracy[("dafusion", "2", "cat")]["accuracy"]) == pytest.approx(0.625) and accuracy[("dafusion", "2", "cat")]["n_trials"] == "2"
+    with open(out / "per_class_fid.csv") as handle:
+        fid = {(r["method"], r["examples_per_class"], r["class"]): r for r in csv.DictReader(handle)}
+    assert float(fid[("dafusion", "2", "cat")]["fid"]) == pytest.approx(11.0) and fid[("dafusion", "1", "dog")]["n_trials"] == "2"
+    page = (out / "index.html").read_text()
+    averaged = page.split("<h2>Test accuracy averaged over k</h2>")[1].split("<h2>")[0]
+    assert "<td><b>dafusion</b></td><td>62.5 ± 4.5" in averaged and "+10.0" in averaged
+    assert "Paper-compatible" not in page  # no run measured the papers' protocol
+
+
+def test_the_paper_protocol_has_its_own_labelled_table(fake_results, tmp_path):
+    for path in Path(fake_results["results"]).glob("train/*/*.json"):
+        value = json.loads(path.read_text())
+        path.write_text(json.dumps({**value, "paper_protocol": True, "paper_accuracy": value["accuracy"] + 0.2}))
+    build_report(fake_results, tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    paper = page.split("Paper-compatible protocol")[1].split("<h2>")[0]
+    assert "Not a held-out number" in paper and "<td><b>dafusion</b></td><td>82.5 ± 4.5" in paper
+    with open(tmp_path / "report" / "summary.csv") as handle:
+        assert {round(float(r["paper_accuracy"]) - float(r["accuracy"]), 6) for r in csv.DictReader(handle)} == {0.2}
+
+
+def test_the_zero_shot_clip_row_stands_beside_the_trained_classifiers(fake_results, tmp_path):
+    config = validate_config({**fake_results, "zeroshot": {"model": "ViT-L-14", "pretrained": "openai"}})
+    record = {"model": "ViT-L-14", "pretrained": "openai", "templates": ["a photo of a {}."], "split": "test",
+              "accuracy": 0.9, "mean_class_accuracy": 0.85, "per_class_accuracy": {"cat": 0.9, "dog": 0.8}, "n_test": 10}
+    path = Path(layout.zeroshot(config["results"]))
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record))
+    assert layout.expected_outputs(config, ["dafusion"], ["baseline"])["zeroshot"] == [str(path)]
+    build_report(config, tmp_path / "report")
+    page = (tmp_path / "report" / "index.html").read_text()
+    accuracy = page.split("<h2>Test accuracy (%)</h2>")[1].split("<h2>")[0]
+    assert accuracy.count("<td><b>zero-shot CLIP ViT-L-14 (openai)</b></td><td>90.0 <span") == 1
+    assert "(+37.5)" in accuracy and "mean per-class accuracy 85.0%" in accuracy  # beside the baseline's 52.5
+    assert json.loads((tmp_path / "report" / "run.json").read_text())["zeroshot"]["accuracy"] == 0.9
+
+
 def test_token_samples_grid_labels_each_class_row(fake_results, tmp_path):
     from pipeline.report import token_samples_grid
 
@@ -148,7 +194,7 @@ def test_inversion_loss_legend_names_classes_until_it_would_not_read(tmp_path, m
     rows = [f"{step},all,1.0" for step in range(1, 21)] + [f"{step},c{c},1.0" for c in range(classes) for step in range(1, 21)]
     path.write_text("step,class,loss\n" + "\n".join(rows) + "\n")
     figures = []
-    monkeypatch.setattr(report, "_png_data_uri", lambda figure: figures.append(figure) or "data:")
+    monkeypatch.setattr(report, "png_data_uri", lambda figure: figures.append(figure) or "data:")
     report.inversion_loss_plot({"k1_seed0": path})
     legend = figures[0].axes[-1].get_legend()
     assert sorted(text.get_text() for text in legend.get_texts()) == named

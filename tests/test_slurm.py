@@ -53,7 +53,7 @@ def test_shipped_profile_asks_cpus_per_gpu_for_every_gpu_rule():
     per_rule = profile["set-resources"]
     assert set(per_rule) <= all_rules(), f"set-resources names rules that do not exist: {set(per_rule) - all_rules()}"
     gpu = gpu_rules()
-    assert gpu == {"invert", "dreambooth", "erase", "mvc", "token_samples", "mix_samples", "generate", "fid_real_features", "fid", "train"}, gpu
+    assert gpu == {"invert", "dreambooth", "erase", "mvc", "token_samples", "mix_samples", "generate", "fid_real_features", "fid", "train", "zeroshot"}, gpu
     for rule in gpu:
         assert per_rule[rule]["cpus_per_gpu"] == "threads", rule
         assert per_rule[rule]["runtime"] >= defaults["runtime"], rule

@@ -23,8 +23,10 @@ from pipeline.config import validate_config
 from pipeline.io import encode_png, write_parquet
 from pipeline.manifest import SHARD_SCHEMA, manifest_table, read_manifest
 from pipeline import train_fit
+from pipeline.augment import parse_method
 from pipeline.settings.train import TrainSettings
-from pipeline.train import classification_metrics, train_classifier
+from pipeline.metrics import classification_metrics
+from pipeline.train import train_classifier
 from pipeline.train_fit import Loader, standard_view
 from pipeline.train_plan import (
     Mixing,
@@ -172,6 +174,29 @@ def test_selection_uses_val_never_test(tmp_path):
     assert result["val_accuracy"] == max(val_curve)
     assert result["best_step"] == result["curve"][val_curve.index(max(val_curve))]["step"]
     assert result["accuracy"] == pytest.approx(1 - result["val_accuracy"])
+
+
+def test_the_paper_protocol_scores_val_and_test_together_and_changes_nothing_else(tmp_path):
+    """With test = val relabelled, any model gets val + test exactly half right: the papers' number
+    is 0.5 at every checkpoint, and selection, curve and test accuracy are those of the default protocol."""
+    subset_path, manifest_path, _ = write_digits(tmp_path, [3, 8], {"train": 3, "val": 10}, k=3, relabel_test={0: 1, 1: 0})
+    runs = {
+        paper: train_classifier(make_config(steps=12, eval_every=3, batch_size=4, learning_rate=3e-3, paper_protocol=paper),
+                                subset_path, manifest_path, [], "baseline", 0, tmp_path / f"{paper}.json")
+        for paper in (False, True)
+    }  # fmt: skip
+    honest, paper = runs[False], runs[True]
+    assert honest["paper_accuracy"] is None and paper["paper_protocol"] is True
+    assert [p["official_val_accuracy"] for p in paper["curve"]] == [0.5] * 4 and paper["paper_accuracy"] == 0.5
+    assert [p["val_accuracy"] for p in paper["curve"]] == [p["val_accuracy"] for p in honest["curve"]]
+    assert (paper["accuracy"], paper["best_step"]) == (honest["accuracy"], honest["best_step"])
+
+
+def test_the_paper_protocol_on_pixels_is_the_best_official_score(three_digits, tmp_path):
+    subset_path, manifest_path, _, _ = three_digits
+    result = train_classifier(make_config(steps=4, paper_protocol=True), subset_path, manifest_path, [], "randaugment", 0, tmp_path / "m.json")
+    assert result["cached_features"] is False
+    assert result["paper_accuracy"] == max(p["official_val_accuracy"] for p in result["curve"])
 
 
 def views(draws: int) -> tuple[np.ndarray, np.ndarray]:
@@ -394,6 +419,55 @@ def test_proportion_zero_and_one_in_training(three_digits, tmp_path):
         every = train_classifier(config, subset_path, manifest_path, [shard], method, 0, tmp_path / "p1.json")
         assert every["n_synthetic"] == 12 and every["synthetic_fraction"] == 1.0
         assert (every["mixing"], every["synthetic_proportion"], every["synthetic_probability"]) == ("proportion", 1.0, None)
+
+
+def test_the_only_original_control_leaves_out_exactly_the_images_its_partner_replaces():
+    labels = np.array([0] * 4 + [1] * 6)
+    counts = np.full(10, 3)
+    views = draw_views(4000, True, 1, np.random.default_rng(1))
+
+    def plan(only_original):
+        return draw_proportion_plan(labels, counts, 4000, 0.5, views, np.random.default_rng(2), np.random.default_rng(3), only_original)
+
+    partner, control = plan(False), plan(True)
+    replaced = set(range(10)) - set(partner.pool_index[~partner.synthetic].tolist())  # never drawn real in 4000 draws
+    drawn = set(control.pool_index.tolist())
+    assert not control.synthetic.any() and drawn.isdisjoint(replaced)
+    assert drawn == set(range(10)) - replaced and len(drawn) == 10 - (2 + 3)  # round(0.5 * 4), round(0.5 * 6) left out
+    assert np.array_equal(control.flip, partner.flip)
+
+
+def test_the_only_original_control_trains_on_the_kept_real_images_alone(three_digits, tmp_path):
+    subset_path, manifest_path, _, shard = three_digits
+    config = make_config(steps=6, eval_every=2, mixing="proportion", synthetic_proportion=0.5)
+    partner = train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "d.json")
+    control = train_classifier(config, subset_path, manifest_path, [shard], "dafusion+only-original", 0, tmp_path / "c.json")
+    assert control["synthetic_fraction"] == 0.0 and partner["synthetic_fraction"] > 0
+    assert control["real_images_drawn"] == 3 and partner["real_images_drawn"] == 3  # 1 of each class's 2 images kept
+    with pytest.raises(PipelineError, match=r"'dafusion\+only-original' is the control of proportion mode, but train.mixing is 'probability'"):
+        train_classifier(make_config(), subset_path, manifest_path, [shard], "dafusion+only-original", 0, tmp_path / "x.json")
+
+
+@pytest.mark.parametrize("name", ["only-original", "randaugment+only-original", "dafusion+only-original+only-original", "dafusion+synthetic-only+only-original"])
+def test_only_original_needs_one_synthetic_source(name):
+    with pytest.raises(PipelineError, match="'only-original' needs exactly one synthetic source"):
+        parse_method(name, {"dafusion"})
+
+
+def test_the_whole_train_split_with_only_the_subset_augmented(tmp_path):
+    """train.real_images: all (the course's regime): every training image, the subset's k per class
+    the only ones with synthetic versions."""
+    subset_path, manifest_path, subset = write_digits(tmp_path, [0, 1, 7], {"train": 4, "val": 3, "test": 3}, k=1)
+    shard = write_shard(tmp_path / "shard.parquet", subset, per_image=2)
+    config = make_config(steps=40, eval_every=20, real_images="all", synthetic_probability=0.5)
+    baseline = train_classifier(config, subset_path, manifest_path, [], "baseline", 0, tmp_path / "b.json")
+    mixed = train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "d.json")
+    for result in (baseline, mixed):
+        assert (result["real_images"], result["n_train_real"], result["examples_per_class"]) == ("all", 12, 1)
+    assert mixed["n_synthetic"] == 6
+    # alpha 0.5 of the draws of the 3 subset images (a quarter of the pool), none of the other 9
+    assert 0.05 < mixed["synthetic_fraction"] < 0.25
+    assert train_classifier(make_config(steps=40, eval_every=20), subset_path, manifest_path, [], "baseline", 0, tmp_path / "s.json")["n_train_real"] == 3
 
 
 # ---- two-phase training ---------------------------------------------------------------------------

@@ -96,6 +96,17 @@ def test_with_erase_enabled_one_erase_job_feeds_every_generation_job(project):
     assert any("pipeline erase" in c and "--classes results/prepare/classes.json" in c for c in commands)
 
 
+def test_a_zero_shot_clip_job_is_planned_only_with_a_model(project):
+    config = tiny_config()
+    project.write_config(config)
+    assert "zeroshot" not in project.planned_jobs()
+    config["zeroshot"] = {"model": "ViT-B-32", "pretrained": "openai"}
+    project.write_config(config)
+    assert project.planned_jobs()["zeroshot"] == 1
+    commands = shell_commands(project.snakemake("-n", "-p"))
+    assert any("pipeline zeroshot" in c and "--manifest results/prepare/manifest.parquet --out results/zeroshot/test.json" in c for c in commands)
+
+
 def test_mvc_plans_captions_and_one_fine_tune_per_subset_and_starts_it_from_the_erased_model(project):
     config = tiny_config()
     config["generate"]["methods"] = ["dafusion", "mvc", "mvc-pretrained"]
@@ -239,6 +250,33 @@ def test_end_to_end_run_and_cache(project):
         assert rule not in jobs, jobs
     config["cpu_threads"] = 1
     project.write_config(config)
+
+    # A sweep's base value is the base run's jobs; each other value adds only its own.
+    config["sweeps"] = {"alpha": {"train.synthetic_probability": [0.5, 0.25]}}
+    project.write_config(config)
+    jobs = project.planned_jobs()
+    assert (jobs.pop("train"), jobs.pop("report")) == (1, 1) and set(jobs) <= {"all"}, jobs
+    project.snakemake()
+    variant = json.loads((results / "train" / "dafusion@train.synthetic_probability=0.25" / "k1_seed0.json").read_text())
+    assert variant["overrides"] == {"train.synthetic_probability": 0.25} and variant["synthetic_probability"] == 0.25
+    with open(results / "report" / "summary.csv") as handle:
+        swept = {row["method"]: row["train.synthetic_probability"] for row in csv.DictReader(handle)}
+    assert swept == {"baseline": "", "dafusion": "0.5", "dafusion@train.synthetic_probability=0.25": "0.25"}
+    assert "Sweep alpha: train.synthetic_probability" in (results / "report" / "index.html").read_text()
+    config["sweeps"]["alpha"]["train.synthetic_probability"].append(0.75)
+    project.write_config(config)
+    jobs = project.planned_jobs()
+    assert (jobs.pop("train"), jobs.pop("report")) == (1, 1) and set(jobs) <= {"all"}, jobs
+    # A generation setting's value makes its own shards, their FID and their classifier.
+    config["sweeps"] = {"M": {"generate.num_per_image": [1]}}
+    project.write_config(config)
+    jobs = project.planned_jobs()
+    assert (jobs.pop("generate"), jobs.pop("fid"), jobs.pop("train"), jobs.pop("report")) == (2, 1, 1, 1) and set(jobs) <= {"all"}, jobs
+    commands = shell_commands(project.snakemake("-n", "-p"))
+    assert sum("--set generate.num_per_image=1" in c and "--method dafusion " in c for c in commands) == 3  # 2 shards, 1 classifier
+    del config["sweeps"]
+    project.write_config(config)
+    project.snakemake()  # the report without the sweep
 
     # Edits that change no output rerun nothing upstream of what they touch: a schema description
     # reruns nothing (its defaults are in the params as values), the report module only the report.

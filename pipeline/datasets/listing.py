@@ -41,7 +41,7 @@ def _listing(dataset_cfg: dict, root: str) -> list[str]:
         return csv_listing(root, dataset_cfg["csv"])
     if name == "folder":
         return class_folder_listing(root)
-    return _listing_under(root)  # caltech101, flowers102: their folders hold nothing else
+    return _listing_under(root)  # caltech101, flowers102, cifar, fgvc_aircraft, stanford_cars: their folders hold nothing else
 
 
 def coco_listing(root: str) -> list[str]:

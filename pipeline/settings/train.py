@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline import PipelineError, methods
-from pipeline.augment import is_synthetic_only, parse_method
+from pipeline.augment import is_only_original, is_synthetic_only, parse_method
 from pipeline.settings import StageSettings, at
 
 # The settings each augmentation reads; a method without it has them as None, out of its key.
 AUGMENTATION_SETTINGS = {
     "randaugment": ("randaugment",),
     "autoaugment": ("autoaugment_policy",),
-    "cutout": ("cutout_scale",),
+    "cutout": ("cutout_scale", "cutout_size"),
     "mixup": ("mixup_alpha",),
     "cutmix": ("cutmix_alpha",),
 }
@@ -46,6 +46,7 @@ class TrainSettings(StageSettings):
     steps: int | None = at("train.steps")
     eval_every: int | None = at("train.eval_every")
     epochs: int | None = at("train.epochs")
+    paper_protocol: bool = at("train.paper_protocol")  # also score val + test at every evaluation
     batch_size: int = at("train.batch_size")
     learning_rate: float = at("train.learning_rate")
     optimizer: str | None = at("train.optimizer")  # the head's under recipe paper
@@ -58,7 +59,9 @@ class TrainSettings(StageSettings):
     autoaugment_policy: str | None = at("train.autoaugment_policy")
     mixup_alpha: float | None = at("train.mixup_alpha")
     cutmix_alpha: float | None = at("train.cutmix_alpha")
-    cutout_scale: tuple[float, float] | None = at("train.cutout_scale")
+    cutout_scale: tuple[float, float] | None = at("train.cutout_scale")  # None with cutout_size
+    cutout_size: tuple[int, int] | None = at("train.cutout_size")
+    real_images: str = at("train.real_images")  # subset or all of the train split
     erased: bool | None = at("erase.enabled")  # recorded as the leakage-prevention mode
     # Only to tell a method name's synthetic source from its augmentations: the parsed parts are in the key.
     generation_methods: tuple[str, ...] = at("generate.methods", how=True)
@@ -73,6 +76,13 @@ class TrainSettings(StageSettings):
         check_mixing(values["mixing"], values["two_phase"], values["steps"] if values["epochs"] is None else None)
         if is_synthetic_only(method):  # every draw synthetic, whatever the mode
             values.update(dict.fromkeys(MIXING_SETTINGS), mixing=None)
+        elif is_only_original(method):  # proportion mode's p, real images only
+            if values["mixing"] != "proportion" or values["two_phase"] is not None:
+                raise PipelineError(
+                    f"train.methods: {method!r} is the control of proportion mode, but train.mixing is {values['mixing']!r}"
+                    f"{' with two_phase' if values['two_phase'] is not None else ''}. Expected train.mixing: proportion and train.two_phase: null"
+                )
+            values.update(synthetic_probability=None, two_phase=None, erased=None)
         elif synthetic_method is None:  # real only; the mode is still recorded
             values.update(dict.fromkeys(MIXING_SETTINGS), erased=None)
         elif values["two_phase"] is not None:
@@ -83,6 +93,8 @@ class TrainSettings(StageSettings):
         for augmentation, names in AUGMENTATION_SETTINGS.items():
             if augmentation not in augmentations:
                 values.update(dict.fromkeys(names))
+        if values["cutout_size"] is not None:
+            values["cutout_scale"] = None
         if values["recipe"] == "paper":
             values["finetune"] = None
         else:
@@ -97,6 +109,11 @@ class TrainSettings(StageSettings):
     def leakage_prevention(self) -> str:
         """none, data-centric, model-centric or both (pipeline.methods.leakage_prevention)."""
         return methods.leakage_prevention(self.synthetic_method, bool(self.erased))
+
+    @property
+    def only_original(self) -> bool:
+        """Whether the method is the only-original control (pipeline.augment.ONLY_ORIGINAL)."""
+        return is_only_original(self.method)
 
     @property
     def synthetic_only(self) -> bool:

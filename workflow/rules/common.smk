@@ -26,7 +26,7 @@ envvars:
     "PYTHONPATH",
 
 
-from pipeline import PipelineError, layout, methods
+from pipeline import PipelineError, layout, methods, sweeps
 from pipeline.augment import parse_method
 from pipeline.checkpoint import check_corpus_disjoint, is_local, model_files, verify_if_local
 from pipeline.config import stable_json, validate_config
@@ -43,6 +43,7 @@ from pipeline.settings.prepare import DemoDatasetSettings, FewshotSettings, Prep
 from pipeline.settings.report import ReportSettings
 from pipeline.settings.token_samples import TokenSampleSettings
 from pipeline.settings.train import TrainSettings
+from pipeline.settings.zeroshot import ZeroShotSettings
 
 try:
     validate_config(config)
@@ -55,6 +56,10 @@ SUBSET = layout.subset_name("{k}", "{seed}")  # job-name pattern of per-subset j
 NUM_SHARDS = config["generate"]["num_shards"]
 GENERATE_METHODS = config["generate"]["methods"]
 TRAIN_METHODS = config["train"]["methods"]
+# Run names: each method's base run and its sweep variants (pipeline.sweeps), e.g.
+# dafusion@train.synthetic_probability=0.3; the {method} wildcard of generate, fid and train paths.
+GENERATE_RUNS = sweeps.generate_runs(config)
+TRAIN_RUNS = sweeps.train_runs(config)
 
 
 wildcard_constraints:
@@ -62,7 +67,7 @@ wildcard_constraints:
     seed=r"\d+",
     shard=r"\d+",
     total=r"\d+",
-    method=r"[a-z0-9-]+(\+[a-z0-9-]+)*",
+    method=r"[a-z0-9-]+(\+[a-z0-9-]+)*(@[A-Za-z0-9_.+=,-]+)?",
     split=r"train|val|test",
 
 
@@ -97,9 +102,34 @@ def check_config():
             TrainSettings.from_config(config, name)
         except PipelineError as exc:
             fail(str(exc))
+    try:
+        sweeps.check_sweeps(config)
+    except PipelineError as exc:
+        fail(str(exc))
 
 
 check_config()
+
+
+_RUN_CONFIGS = {}
+
+
+def run_config(run):
+    """The config of a run name: the base config with the run's sweep overrides (pipeline.sweeps)."""
+    if run not in _RUN_CONFIGS:
+        _RUN_CONFIGS[run] = sweeps.with_overrides(config, sweeps.split_run_name(run)[1])
+    return _RUN_CONFIGS[run]
+
+
+def job_method(wildcards):
+    """The method of a job's run name (its {method} wildcard without the sweep overrides)."""
+    return sweeps.split_run_name(wildcards.method)[0]
+
+
+def override_args(wildcards):
+    """A run's sweep overrides as the job's "--set key=value" arguments, quoted (use without :q)."""
+    overrides = sweeps.split_run_name(wildcards.method)[1]
+    return " ".join(f"--set {shlex.quote(f'{key}={sweeps.format_value(value)}')}" for key, value in sorted(overrides.items()))
 
 
 def settings_params(settings_class, module, *job_wildcards):
@@ -107,14 +137,19 @@ def settings_params(settings_class, module, *job_wildcards):
     that can change the job's output, and the hash of the code the job runs (`module`'s closure).
 
     `job_wildcards` name the wildcards the settings take from the job (e.g. "method"); without any,
-    every job of the rule has the same settings.
+    every job of the rule has the same settings. A "method" wildcard is a run name: its settings
+    are read from the run's config, for its method.
     """
     if not job_wildcards:
         return {"cfg": stable_json(settings_class.from_config(config).key()), "code": code_hash(module)}
 
     def key(wildcards):
         job = {name: wildcards[name] for name in job_wildcards}
-        return stable_json(settings_class.from_config(config, **job).key())
+        run = config
+        if "method" in job:
+            run = run_config(job["method"])
+            job["method"] = job_method(wildcards)
+        return stable_json(settings_class.from_config(run, **job).key())
 
     return {"cfg": key, "code": code_hash(module)}
 
@@ -150,32 +185,33 @@ def model_input():
 
 
 def tokens_input(wildcards):
-    if "tokens" in methods.get(wildcards.method).needs:
+    if "tokens" in methods.get(job_method(wildcards)).needs:
         return layout.tokens(R, wildcards.k, wildcards.seed)
     return []
 
 
 def adapter_input(wildcards):
-    adapter = methods.get(wildcards.method).adapter
+    adapter = methods.get(job_method(wildcards)).adapter
     return layout.adapter(R, adapter, wildcards.k, wildcards.seed) if adapter else []
 
 
 def captions_input(wildcards):
-    if "captions" in methods.get(wildcards.method).needs:
+    if "captions" in methods.get(job_method(wildcards)).needs:
         return layout.captions(R, wildcards.k, wildcards.seed)
     return []
 
 
 def erased_input(wildcards):
-    return layout.erased(R) if config["erase"]["enabled"] else []
+    """The erased model for a job of a run with erase.enabled (a generate job; mvc has no run: the base config's)."""
+    run = run_config(wildcards.method) if "method" in wildcards.keys() else config
+    return layout.erased(R) if run["erase"]["enabled"] else []
 
 
 def synthetic_shards_for(wildcards):
-    """Shards of the train method's synthetic part (none for augmentation-only methods)."""
-    synthetic, _ = parse_method(wildcards.method, set(GENERATE_METHODS))
-    if synthetic is None:
-        return []
-    return layout.shards(R, synthetic, wildcards.k, wildcards.seed, NUM_SHARDS)
+    """Shards of the train run's synthetic part (none for augmentation-only methods): those of the
+    generation run with the overrides its images depend on."""
+    run = sweeps.synthetic_run(config, wildcards.method)
+    return [] if run is None else layout.shards(R, run, wildcards.k, wildcards.seed, NUM_SHARDS)
 
 
 def report_outputs():
@@ -266,4 +302,4 @@ def export_outputs():
     """The export index of every synthetic set the config asks for; none without generate.export_dir."""
     if EXPORT_DIR is None:
         return []
-    return [f"{EXPORT_DIR}/{m}/{layout.subset_name(k, s)}/images.csv" for m in GENERATE_METHODS for k, s in PAIRS]
+    return [f"{EXPORT_DIR}/{m}/{layout.subset_name(k, s)}/images.csv" for m in GENERATE_RUNS for k, s in PAIRS]

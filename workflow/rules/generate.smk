@@ -15,6 +15,8 @@ rule generate:
         # The method's GenerateSettings: batch size, flush interval and device are not in its key.
         **settings_params(GenerateSettings, "pipeline.generate", "method"),
         folders=folder_args,  # "--tokens <quoted path>", "--adapter ...", "--erased ...", "--captions ...", or nothing
+        method=job_method,
+        overrides=override_args,  # a sweep variant's "--set key=value ...", or nothing
     log:
         log_path("generate", f"{{method}}/{SUBSET}/shard-{{shard}}-of-{{total}}"),
     benchmark:
@@ -23,8 +25,8 @@ rule generate:
     resources:
         gpu=1,
     shell:
-        "python -m pipeline generate --config {CONFIG_FILE} --subset {input.subset:q} {params.folders}"
-        " --method {wildcards.method:q} --shard {wildcards.shard:q} --num-shards {wildcards.total:q} --out {output:q} > {log:q} 2>&1"
+        "python -m pipeline generate --config {CONFIG_FILE} {params.overrides} --subset {input.subset:q} {params.folders}"
+        " --method {params.method:q} --shard {wildcards.shard:q} --num-shards {wildcards.total:q} --out {output:q} > {log:q} 2>&1"
 
 
 # export: with generate.export_dir set, each synthetic set also as plain PNG folders for other tools,

@@ -5,7 +5,7 @@ rule report:
     input:
         manifest=layout.manifest(R),
         subsets=[layout.subset(R, k, s) for k, s in PAIRS],
-        **layout.expected_outputs(config),
+        **layout.expected_outputs(config, GENERATE_RUNS, TRAIN_RUNS),
     output:
         summary=report(report_outputs()[0], caption="../report/summary.rst", category="Results"),
         page=report(report_outputs()[1], caption="../report/page.rst", category="Results"),

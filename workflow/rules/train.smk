@@ -1,4 +1,5 @@
-# train: one classifier per (method, examples per class, trial seed); methods x k x seeds jobs.
+# train: one classifier per (run, examples per class, trial seed); runs x k x seeds jobs, where the
+# runs are the methods and their sweep variants (pipeline.sweeps).
 
 
 rule train:
@@ -11,6 +12,8 @@ rule train:
     params:
         # The method's TrainSettings: num_workers, inference_batch_size and device are not in its key.
         **settings_params(TrainSettings, "pipeline.train", "method"),
+        method=job_method,
+        overrides=override_args,  # a sweep variant's "--set key=value ...", or nothing
     log:
         log_path("train", f"{{method}}/{SUBSET}"),
     benchmark:
@@ -19,5 +22,5 @@ rule train:
     resources:
         gpu=1,
     shell:
-        "python -m pipeline train --config {CONFIG_FILE} --subset {input.subset:q} --manifest {input.manifest:q}"
-        " --synthetic {input.shards:q} --method {wildcards.method:q} --seed {wildcards.seed:q} --out {output:q} > {log:q} 2>&1"
+        "python -m pipeline train --config {CONFIG_FILE} {params.overrides} --subset {input.subset:q} --manifest {input.manifest:q}"
+        " --synthetic {input.shards:q} --method {params.method:q} --seed {wildcards.seed:q} --out {output:q} > {log:q} 2>&1"
