@@ -131,10 +131,11 @@ def sweep_plot(name: str, gains: list[dict], baseline: str | None, reference: st
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(row["variant"] for row in gains))
-    keys = {key for row in gains for key in row["overrides"]}
-    values = [row["overrides"].get(next(iter(keys))) for row in gains] if len(keys) == 1 else []
-    numeric = bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    positions = {row["variant"]: (float(row["overrides"][next(iter(keys))]) if numeric else labels.index(row["variant"])) for row in gains}
+    keys = sorted({key for row in gains for key in row["overrides"]})
+    # One numeric key: its values on the x axis; otherwise the variants in order, labelled.
+    key = keys[0] if len(keys) == 1 else None
+    numeric = key is not None and all(isinstance(row["overrides"].get(key), (int, float)) and not isinstance(row["overrides"].get(key), bool) for row in gains)
+    positions = {row["variant"]: float(row["overrides"][key]) if numeric else labels.index(row["variant"]) for row in gains}
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     series = [("over_baseline", baseline, "-")] if baseline else []
     series += [("over_reference", reference, "--")] if reference else []
@@ -149,7 +150,7 @@ def sweep_plot(name: str, gains: list[dict], baseline: str | None, reference: st
             ax.errorbar(x, y, yerr=err, marker="o", linestyle=style, capsize=3, label=f"{method} over {over}")
     ax.axhline(0.0, color="#888", linewidth=0.8)
     if numeric:
-        ax.set_xlabel(next(iter(keys)))
+        ax.set_xlabel(key)
     else:
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
         ax.set_xlabel("setting")
@@ -283,10 +284,10 @@ def compare_runs(paths: list[str | Path], out_dir: str | Path, across_datasets: 
     ))  # fmt: skip
     scores = []
     means: dict[str, dict[str, float]] = {}
+    by_trial = {run["label"]: accuracy_by_trial(run["rows"]) for run in runs}
     for run in runs:
-        by_trial = accuracy_by_trial(run["rows"])
         for name in run["train_runs"]:
-            entry = mean_over_k(by_trial, name, run["examples_per_class"])
+            entry = mean_over_k(by_trial[run["label"]], name, run["examples_per_class"])
             if entry is not None:
                 scores.append({"results": run["label"], "dataset": run["dataset"], "method": name, "accuracy_mean_over_k": entry["mean"], "ci68": entry["ci68"], "n_trials": entry["n"]})
                 means.setdefault(run["label"], {})[name] = entry["mean"]
@@ -301,7 +302,7 @@ def compare_runs(paths: list[str | Path], out_dir: str | Path, across_datasets: 
     for method in methods:
         cells = [f"<b>{html.escape(method)}</b>"]
         for run in runs:
-            cells.append(_cell(mean_over_k(accuracy_by_trial(run["rows"]), method, run["examples_per_class"])) if method in run["train_runs"] else "–")
+            cells.append(_cell(mean_over_k(by_trial[run["label"]], method, run["examples_per_class"])) if method in run["train_runs"] else "–")
         body.append(cells)
     if any(run.get("zeroshot") for run in runs):  # no training image, so the same at every k
         body.append(["<b>zero-shot CLIP</b>"] + [

@@ -420,7 +420,7 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     classes = manifest_meta["classes"]
 
     quality = synthetic_quality(fids, settings.synthetic_runs)
-    reference = "real-guidance" if "real-guidance" in settings.train_methods and "real-guidance" != baseline else None
+    reference = "real-guidance" if "real-guidance" in settings.train_methods else None  # Fig. 11's second comparison
     swept_keys = sorted({key for keys in settings.sweeps.values() for key in keys})
 
     write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS + swept_keys)

@@ -34,6 +34,7 @@ from pipeline import PipelineError
 from pipeline.augment import parse_method
 from pipeline.config import validate_config
 from pipeline.methods import needing
+from pipeline.settings import lookup
 from pipeline.settings.generate import GenerateSettings
 from pipeline.settings.train import TrainSettings
 
@@ -218,7 +219,7 @@ def check_sweeps(config: dict) -> None:
             if not any(generate_overrides(config, m, {key: v}) for m in generation for v in values) and not any(
                 train_overrides(config, m, {key: v}) for m in training for v in values
             ):
-                if all(_value_at(config, key) == v for v in values):
+                if all(lookup(config, key) == v for v in values):
                     continue  # only the base value: the sweep is the base run
                 raise PipelineError(f"{where}: no job of generate.methods {generation} or train.methods {training} depends on {key}, so its values would give identical results. Expected a setting the methods read")
         for overrides in variants(config)[name]:
@@ -228,13 +229,6 @@ def check_sweeps(config: dict) -> None:
                     TrainSettings.from_config(changed, method)
             except PipelineError as exc:
                 raise PipelineError(f"sweeps.{name}: variant {run_name('', overrides).lstrip(RUN_MARK)}: {exc}") from None
-
-
-def _value_at(config: dict, dotted: str):
-    value = config
-    for part in dotted.split("."):
-        value = value[part]
-    return value
 
 
 def setting_values(config: dict, run: str) -> dict:
@@ -251,7 +245,7 @@ def setting_values(config: dict, run: str) -> dict:
         if key in overrides:
             out[key] = overrides[key]
         elif any(train_overrides(config, method, {key: v}) for v in swept[key]):
-            out[key] = _value_at(config, key)
+            out[key] = lookup(config, key)
         else:
             out[key] = None
     return out

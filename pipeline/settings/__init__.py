@@ -27,7 +27,8 @@ def at(path: str, *, how: bool = False) -> Any:
     return field(metadata={"config": path, "how": how})
 
 
-def _lookup(config: dict, dotted: str):
+def lookup(config: dict, dotted: str):
+    """The value at a dotted config key ("train.steps")."""
     value = config
     for part in dotted.split("."):
         value = value[part]
@@ -63,7 +64,7 @@ class StageSettings:
     def read(cls, config: dict) -> dict:
         """The config-read fields' values, lists frozen to tuples."""
         try:
-            return {name: frozen(_lookup(config, path)) for name, path in cls.config_keys().items()}
+            return {name: frozen(lookup(config, path)) for name, path in cls.config_keys().items()}
         except KeyError as exc:  # a config that skipped validation
             raise PipelineError(f"{cls.__name__}: the config has no key {exc}. Expected a config validated against the schema (pipeline.config.load_config)") from None
 
