@@ -101,6 +101,9 @@ METHODS = {
         # Real Guidance (He et al. 2022): the class name in the prompt (generate.real_guidance_templates,
         # "a photo of a {}" unless a descriptive one is given, as DA-Fusion's Fig. 5), t0 = 0.5.
         Method("real-guidance", "img2img", None, "class_name", strength=0.5, templates="real_guidance_templates"),
+        # Real Guidance under data-centric leakage prevention: the class name left out of the prompt
+        # ("a photo", as the DA-Fusion reference code runs its leakage-free baseline), t0 = 0.5.
+        Method("real-guidance-no-name", "img2img", "a photo", None, strength=0.5),
         Method("class-agnostic", "img2img", "a photo", None),
         # Vanilla Stable Diffusion synthetic data: a class-name template, no real image.
         Method("txt2img", "txt2img", None, "class_name", start="noise", templates="txt2img_templates"),
@@ -136,6 +139,13 @@ def needing(need: str, names) -> list[str]:
     if need not in NEEDS:
         raise ValueError(f"unknown need {need!r}; expected one of {sorted(NEEDS)}")
     return [name for name in names if need in get(name).needs]
+
+
+def real_guidance_reference(train_methods) -> str | None:
+    """The Real Guidance training method a report measures gains against besides the baseline (DA-Fusion
+    compares with Real Guidance at the same alpha and M, Fig. 11): `real-guidance`, else
+    `real-guidance-no-name`, else None."""
+    return next((m for m in ("real-guidance", "real-guidance-no-name") if m in train_methods), None)
 
 
 LEAKAGE_MODES = ("none", "data-centric", "model-centric", "both")

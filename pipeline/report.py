@@ -22,7 +22,7 @@ from pipeline import PipelineError, layout
 from pipeline.compare import PER_CLASS_ACCURACY_FILE, PER_CLASS_FID_FILE, RUN_FILE, averaged_over_k_table, sweep_sections
 from pipeline.io import atomic_path, decode_image, read_json, write_json
 from pipeline.manifest import read_manifest, read_shards
-from pipeline.methods import needing
+from pipeline.methods import needing, real_guidance_reference
 from pipeline.records import Fid, Metrics, OracleScores, read_results
 from pipeline.report_html import CSS, confidence_interval_68, fmt, png_data_uri, table, write_csv
 from pipeline.settings.report import ReportSettings
@@ -420,7 +420,7 @@ def build_report(config: dict, out_dir: str | Path) -> dict:
     classes = manifest_meta["classes"]
 
     quality = synthetic_quality(fids, settings.synthetic_runs)
-    reference = "real-guidance" if "real-guidance" in settings.train_methods else None  # Fig. 11's second comparison
+    reference = real_guidance_reference(settings.train_methods)
     swept_keys = sorted({key for keys in settings.sweeps.values() for key in keys})
 
     write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS + swept_keys)

@@ -244,6 +244,9 @@ def test_real_guidance_and_class_agnostic_strengths_and_prompts(model_dir, subse
     agnostic = run(config, subset, None, tmp_path / "ca", method="class-agnostic")
     assert {(row["prompt"], row["strength"]) for row in agnostic} == {("a photo", 0.75)}
     assert {row["seed"] for row in real}.isdisjoint(row["seed"] for row in agnostic)
+    # Real Guidance without the class name (data-centric leakage prevention): its own t0, no name.
+    unnamed = run(config, subset, None, tmp_path / "rg-no-name", method="real-guidance-no-name")
+    assert {(row["prompt"], row["strength"]) for row in unnamed} == {("a photo", 0.5)}
     # A descriptive template (DA-Fusion's Fig. 5) replaces the default; a template without "{}" is refused.
     described = run(make_config(model_dir, num_per_image=1, real_guidance_templates=["a photo of a {}, a kind of pet"]),
                     subset, None, tmp_path / "rg-described", method="real-guidance")  # fmt: skip

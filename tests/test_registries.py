@@ -31,3 +31,9 @@ def test_every_method_has_a_maker_and_known_needs():
     for method in methods.METHODS.values():
         assert method.kind in MAKERS, method.name
         assert method.needs <= methods.NEEDS, method.name
+
+
+def test_the_report_reference_is_real_guidance_named_or_not():
+    assert methods.real_guidance_reference(["baseline", "dafusion", "real-guidance-no-name"]) == "real-guidance-no-name"
+    assert methods.real_guidance_reference(["real-guidance-no-name", "real-guidance"]) == "real-guidance"
+    assert methods.real_guidance_reference(["baseline", "real-guidance+mixup"]) is None  # a variant trains otherwise

@@ -139,12 +139,12 @@ def test_the_settings_import_no_torch():
 
 def test_the_leakage_prevention_mode_follows_the_prompt_and_the_erasure():
     def settings(method: str, erased: bool) -> TrainSettings:
-        config = validate_config({"erase": {"enabled": erased}, "generate": {"methods": ["dafusion", "real-guidance", "class-agnostic"]}})
-        return TrainSettings.from_config(config, method)
+        generate = ["dafusion", "real-guidance", "real-guidance-no-name", "class-agnostic"]
+        return TrainSettings.from_config(validate_config({"erase": {"enabled": erased}, "generate": {"methods": generate}}), method)
 
-    names = ["baseline", "dafusion+mixup", "real-guidance", "class-agnostic"]
-    assert [settings(m, False).leakage_prevention for m in names] == ["none", "data-centric", "none", "data-centric"]
-    assert [settings(m, True).leakage_prevention for m in names] == ["none", "both", "model-centric", "both"]
+    names = ["baseline", "dafusion+mixup", "real-guidance", "real-guidance-no-name", "class-agnostic"]
+    assert [settings(m, False).leakage_prevention for m in names] == ["none", "data-centric", "none", "data-centric", "data-centric"]
+    assert [settings(m, True).leakage_prevention for m in names] == ["none", "both", "model-centric", "both", "both"]
     # Erasing reruns the training of the methods with synthetic images only.
     assert settings("baseline", True).key() == settings("baseline", False).key()
     assert settings("dafusion", True).key() != settings("dafusion", False).key()

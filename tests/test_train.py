@@ -440,12 +440,28 @@ def test_the_only_original_control_leaves_out_exactly_the_images_its_partner_rep
 def test_the_only_original_control_trains_on_the_kept_real_images_alone(three_digits, tmp_path):
     subset_path, manifest_path, _, shard = three_digits
     config = make_config(steps=6, eval_every=2, mixing="proportion", synthetic_proportion=0.5)
+    config["dataset"]["examples_per_class"] = [2]  # as the subset: k = 1 would leave the control no image
     partner = train_classifier(config, subset_path, manifest_path, [shard], "dafusion", 0, tmp_path / "d.json")
     control = train_classifier(config, subset_path, manifest_path, [shard], "dafusion+only-original", 0, tmp_path / "c.json")
     assert control["synthetic_fraction"] == 0.0 and partner["synthetic_fraction"] > 0
     assert control["real_images_drawn"] == 3 and partner["real_images_drawn"] == 3  # 1 of each class's 2 images kept
     with pytest.raises(PipelineError, match=r"'dafusion\+only-original' is the control of proportion mode, but train.mixing is 'probability'"):
         train_classifier(make_config(), subset_path, manifest_path, [shard], "dafusion+only-original", 0, tmp_path / "x.json")
+
+
+def test_an_only_original_control_without_a_real_image_is_refused_before_any_job():
+    def settings(p: float, ks: list[int], real_images: str = "subset") -> TrainSettings:
+        config = make_config(mixing="proportion", synthetic_proportion=p, real_images=real_images)
+        config["dataset"]["examples_per_class"] = ks
+        return TrainSettings.from_config(config, "dafusion+only-original")
+
+    assert settings(0.25, [1, 4]).synthetic_proportion == 0.25  # round(0.25) = 0 of 1, 1 of 4 replaced
+    with pytest.raises(PipelineError, match=r"examples_per_class 1: .* = 1 of each class's 1 images .* Expected a proportion below 0.5 for k = 1"):
+        settings(0.5, [1, 4])
+    with pytest.raises(PipelineError, match=r"examples_per_class 2: .* Expected a proportion below 0.75 for k = 2"):
+        settings(0.75, [2, 8])
+    assert settings(0.75, [2], real_images="all").synthetic_proportion == 0.75  # the rest of the train set stays
+    TrainSettings.from_config(make_config(mixing="proportion", synthetic_proportion=1.0), "dafusion")  # only the control
 
 
 @pytest.mark.parametrize("name", ["only-original", "randaugment+only-original", "dafusion+only-original+only-original", "dafusion+synthetic-only+only-original"])

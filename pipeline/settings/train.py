@@ -65,6 +65,8 @@ class TrainSettings(StageSettings):
     erased: bool | None = at("erase.enabled")  # recorded as the leakage-prevention mode
     # Only to tell a method name's synthetic source from its augmentations: the parsed parts are in the key.
     generation_methods: tuple[str, ...] = at("generate.methods", how=True)
+    # Only to refuse an only-original control that would keep no real image of some subset.
+    subset_sizes: tuple[int, ...] = at("dataset.examples_per_class", how=True)
     device: str = at("device", how=True)
     num_workers: int = at("train.num_workers", how=True)
     inference_batch_size: int = at("train.inference_batch_size", how=True)
@@ -82,6 +84,7 @@ class TrainSettings(StageSettings):
                     f"train.methods: {method!r} is the control of proportion mode, but train.mixing is {values['mixing']!r}"
                     f"{' with two_phase' if values['two_phase'] is not None else ''}. Expected train.mixing: proportion and train.two_phase: null"
                 )
+            check_only_original_keeps_images(values["synthetic_proportion"], values["subset_sizes"], values["real_images"])
             values.update(synthetic_probability=None, two_phase=None, erased=None)
         elif synthetic_method is None:  # real only; the mode is still recorded
             values.update(dict.fromkeys(MIXING_SETTINGS), erased=None)
@@ -119,6 +122,21 @@ class TrainSettings(StageSettings):
     def synthetic_only(self) -> bool:
         """Whether the method trains on synthetic images alone (`+synthetic-only`, its source's CAS)."""
         return is_synthetic_only(self.method)
+
+
+def check_only_original_keeps_images(proportion: float, subset_sizes, real_images: str) -> None:
+    """Proportion mode replaces round(p * k) of a class's k subset images, halves up: the
+    only-original control of a subset where that is all k would train on no image at all."""
+    if real_images != "subset":
+        return  # the rest of the training set stays
+    for k in subset_sizes:
+        if int(proportion * k + 0.5) >= k:
+            raise PipelineError(
+                f"train.synthetic_proportion {proportion} with examples_per_class {k}: proportion mode replaces "
+                f"round({proportion} * {k}) = {int(proportion * k + 0.5)} of each class's {k} images (halves up), so the "
+                f"only-original control keeps none. Expected a proportion below {(k - 0.5) / k:g} for k = {k}, "
+                "or that k left out of dataset.examples_per_class"
+            )
 
 
 def check_mixing(mode: str, two_phase: dict | None, steps: int | None) -> None:
