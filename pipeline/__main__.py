@@ -32,7 +32,7 @@ def cmd_build_model(args, config):
 def cmd_pretrain_demo_model(args, config):
     from pipeline.demo_model import PretrainSettings, pretrain_demo_model
 
-    pretrain_demo_model(PretrainSettings.from_config(config), args.out)
+    pretrain_demo_model(PretrainSettings.from_config(config), args.out, tokenizer_files=args.tokenizer_files)
 
 
 def cmd_train_oracle(args, config):
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage("pretrain-demo-model", cmd_pretrain_demo_model, "Train the demo's small text-to-image model on captioned digit scenes (resumable).")
     p.add_argument("--out", type=Path, required=True, help="folder to write the diffusers-format checkpoint to")
+    p.add_argument("--tokenizer-files", type=Path, default=None, help="folder with CLIP's vocab.json and merges.txt (default: written from open-clip-torch)")
 
     p = stage("train-oracle", cmd_train_oracle, "Train the oracle: the independent demo-domain classifier that measures synthetic images.")
     p.add_argument("--out", type=Path, required=True, help="folder to write oracle.safetensors and oracle.json to")

@@ -23,6 +23,10 @@ Training, in two phases, each seeded and deterministic on CPU (batch draws and n
    UNet with cross-attention, jointly, on SD's noise-prediction loss over the cached latents, with
    SD 1.4's training noise schedule.
 
+On a GPU (`device`), the modules are initialised on the CPU and every draw still comes from the CPU's
+seeded generators, so a CUDA run sees a CPU run's batches and noise; CUDA's kernels do not repeat the
+CPU's last bits, and the device is part of the settings a checkpoint must match.
+
 Checkpoints go to `<out>.partial/` every `checkpoint_every` steps; a killed run started again with
 the same settings resumes from the last one. The saved folder is a plain diffusers checkpoint (PNDM
 scheduler with SD 1.4's settings) loaded with `from_pretrained` like `CompVis/stable-diffusion-v1-4`.
@@ -45,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.checkpoint import INFO_FILE, weight_hashes
+from pipeline.device import resolve_device
 from pipeline.io import atomic_path, grant_umask_permissions, write_json
 from pipeline.progress import progress
 from pipeline.rng import numpy_rng, torch_generator
@@ -76,6 +81,7 @@ class PretrainSettings:
     warmup_steps: int
     cpu_threads: int  # torch's compute threads (pinned by the CLI): they move the weights' last bits
     checkpoint_every: int
+    device: str = "cpu"  # "cpu" or "cuda": CUDA kernels give other last bits, and are not bitwise repeatable
 
     @classmethod
     def from_config(cls, config: dict) -> PretrainSettings:
@@ -98,6 +104,7 @@ class PretrainSettings:
             warmup_steps=section["unet"]["warmup_steps"],
             cpu_threads=config["cpu_threads"],
             checkpoint_every=section["checkpoint_every"],
+            device=resolve_device(config["device"]).type,
         )
 
     def key(self) -> dict:
@@ -210,15 +217,16 @@ def _learning_rate(base: float, step: int, steps: int, warmup: int) -> float:
 
 def vae_step(vae, batch: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
     posterior = vae.encode(batch).latent_dist
-    noise = torch.randn(posterior.mean.shape, generator=generator)
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(batch.device)
     latents = posterior.mean + posterior.std * noise
     reconstruction = vae.decode(latents).sample
     return F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
 
 
 def unet_step(text_encoder, unet, scheduler, latents, input_ids, generator: torch.Generator) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    # drawn on the CPU generator whatever the device: a CUDA run sees the noise a CPU run sees
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     hidden = text_encoder(input_ids)[0]
     return F.mse_loss(unet(noisy, timesteps, hidden).sample, noise)
@@ -232,7 +240,9 @@ class _Run:
 
         torch.manual_seed(settings.seed)
         self.settings, self.partial_dir = settings, partial_dir
-        self.text_encoder, self.vae, self.unet = build_modules(demo_architecture(settings.resolution), tokenizer)
+        # initialised on the CPU, then moved: a CUDA run starts from the CPU run's weights
+        modules = build_modules(demo_architecture(settings.resolution), tokenizer)
+        self.text_encoder, self.vae, self.unet = (module.to(settings.device) for module in modules)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
         unet_params = [*self.unet.parameters(), *self.text_encoder.parameters()]
         self.unet_opt = torch.optim.AdamW(unet_params, lr=settings.unet_learning_rate, weight_decay=1e-2)
@@ -258,7 +268,7 @@ class _Run:
         path = self.partial_dir / CHECKPOINT_FILE
         if not path.is_file():
             return False
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location=self.settings.device)
         if state["key"] != self.settings.key():
             log.warning("discarding %s: it was written with other settings", path)
             return False
@@ -272,23 +282,38 @@ class _Run:
 def _train_phase(run: _Run, phase: str, steps: int, batch_size: int, base_lr: float, warmup: int, optimizer, loss_of) -> None:
     settings = run.settings
     start, clock = run.done[phase], time.perf_counter()
+    pending: list[tuple[int, torch.Tensor]] = []  # losses still on the device: reading each one would wait on the GPU every step
+
+    def flush() -> None:
+        if pending:
+            values = torch.stack([loss for _, loss in pending]).tolist()
+            run.losses.extend((phase, step, value) for (step, _), value in zip(pending, values))
+            pending.clear()
+
+    milestone_clock, milestone_step = clock, start
     for step in progress(range(start, steps), total=steps - start, desc=f"demo model {phase}"):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(base_lr, step, steps, warmup)
-        indices = torch.from_numpy(_batch_indices(settings, phase, step, batch_size))
+        indices = torch.from_numpy(_batch_indices(settings, phase, step, batch_size)).to(settings.device)
         loss = loss_of(indices, step, torch_generator(settings.seed, "demo-model", phase, "noise", step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run.losses.append((phase, step, loss.item()))
+        pending.append((step, loss.detach()))
         run.done[phase] = step + 1
         if (step + 1) % 100 == 0:
+            flush()
             recent = [r[2] for r in run.losses[-100:]]
-            log.info("%s step %d/%d: loss %.4f (mean of last 100)", phase, step + 1, steps, sum(recent) / len(recent))
+            now = time.perf_counter()
+            seconds_per_step = (now - milestone_clock) / (step + 1 - milestone_step)
+            log.info("%s step %d/%d: loss %.4f (mean of last 100), %.3f s/step", phase, step + 1, steps, sum(recent) / len(recent), seconds_per_step)
+            milestone_clock, milestone_step = now, step + 1
         if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
+            flush()
             run.seconds[phase] += time.perf_counter() - clock
             clock = time.perf_counter()
             run.save()
+    flush()
     run.seconds[phase] += time.perf_counter() - clock
 
 
@@ -298,19 +323,24 @@ def encode_corpus(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Ten
     return torch.cat([vae.encode(to_unit_range(images[i : i + batch_size])).latent_dist.mean for i in range(0, len(images), batch_size)])
 
 
-def pretrain_demo_model(settings: PretrainSettings, out_dir: str | Path) -> Path:
-    """Train the demo model with `settings` and save it at `out_dir` (atomically) in diffusers format."""
+def pretrain_demo_model(settings: PretrainSettings, out_dir: str | Path, tokenizer_files: str | Path | None = None) -> Path:
+    """Train the demo model with `settings` and save it at `out_dir` (atomically) in diffusers format.
+
+    `tokenizer_files`: a folder with CLIP's vocab.json and merges.txt, for machines without
+    open-clip-torch (the lent GPU machine); by default they are written from open-clip-torch's BPE file."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from pipeline.tiny_sd import _sd14_scheduler, write_clip_tokenizer_files
+    from pipeline.tiny_sd import _sd14_scheduler, _tokenizer_files
 
     out_dir = Path(out_dir)
     partial_dir = out_dir.with_name(out_dir.name + ".partial")
     partial_dir.mkdir(parents=True, exist_ok=True)
-    vocab_path, merges_path = write_clip_tokenizer_files(partial_dir / "bpe")
+    vocab_path, merges_path = _tokenizer_files(tokenizer_files, partial_dir / "bpe")
     tokenizer = CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=77)
     corpus = render_corpus(settings, tokenizer)
+    device = torch.device(settings.device)
+    images, input_ids, empty_ids = corpus.images.to(device), corpus.input_ids.to(device), corpus.empty_ids.to(device)
 
     run = _Run(settings, tokenizer, partial_dir)
     run.restore()
@@ -319,10 +349,10 @@ def pretrain_demo_model(settings: PretrainSettings, out_dir: str | Path) -> Path
     vae.train()
     _train_phase(
         run, "vae", settings.vae_steps, settings.vae_batch_size, settings.vae_learning_rate, 0, run.vae_opt,
-        lambda idx, step, gen: vae_step(vae, to_unit_range(random_crop(corpus.images[idx], settings.vae_crop, settings, step)), settings.kl_weight, gen),
+        lambda idx, step, gen: vae_step(vae, to_unit_range(random_crop(images[idx], settings.vae_crop, settings, step)), settings.kl_weight, gen),
     )
     vae.eval().requires_grad_(False)
-    latents = encode_corpus(vae, corpus.images)
+    latents = encode_corpus(vae, images)
     scaling_factor = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     latents = latents * scaling_factor
@@ -330,16 +360,15 @@ def pretrain_demo_model(settings: PretrainSettings, out_dir: str | Path) -> Path
     train_scheduler = DDPMScheduler(**{k: _sd14_scheduler().config[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")})
 
     def unet_loss(idx, step, generator):
-        ids = corpus.input_ids[idx].clone()
+        ids = input_ids[idx].clone()
         dropped = numpy_rng(settings.seed, "demo-model", "dropout", step).random(len(idx)) < settings.caption_dropout
-        ids[torch.from_numpy(dropped)] = corpus.empty_ids
+        ids[torch.from_numpy(dropped).to(device)] = empty_ids
         return unet_step(text_encoder, unet, train_scheduler, latents[idx], ids, generator)
 
     text_encoder.train()
     unet.train()
     _train_phase(run, "unet", settings.unet_steps, settings.unet_batch_size, settings.unet_learning_rate, settings.warmup_steps, run.unet_opt, unet_loss)
-    text_encoder.eval()
-    unet.eval()
+    text_encoder, unet, vae = (module.eval().to("cpu") for module in (text_encoder, unet, vae))
 
     with atomic_path(out_dir) as tmp:
         pipe = StableDiffusionPipeline(

@@ -70,3 +70,41 @@ def test_bench_generate_memory_says_it_needs_a_gpu():
     done = run_benchmark("bench_generate_memory.py", timeout_s=60)
     assert "no CUDA device visible" in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_device_pretraining_plans_its_unet_steps_from_the_calibration(tmp_path):
+    """pretrain_demo_on_device.sh gives the UNet what its budget has left after the VAE phase."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("plan_pretraining", REPO / "benchmarks" / "gpu" / "plan_pretraining.py")
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    # 400 s left, 90 reserved, 5000 VAE steps of 0.01 s: 260 s at 0.02 s a step is 13,000 steps
+    assert plan.affordable_steps(400, 90, 0.02, 0.01, 5000, 1000, 60000) == 13000
+    assert plan.affordable_steps(400, 90, 0.02, 0.01, 5000, 1000, 8000) == 8000  # capped
+    assert plan.affordable_steps(100, 90, 0.02, 0.01, 5000, 1000, 60000) == 1000  # never fewer than one round
+
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    (calibration / "demo_model.json").write_text(json.dumps({"settings": {"unet_steps": 300, "vae_steps": 200}, "train_seconds": {"unet": 6.0, "vae": 2.0}}))
+    done = run_benchmark("gpu/plan_pretraining.py", "--calibration", str(calibration), "--config", "config/demo-model-gpu.yaml",
+                         "--set", "demo_model.vae.steps=1000", "--left", "400", "--reserve", "90", timeout_s=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0.0200", "0.0100", "15000"]  # (400 - 90 - 10) / 0.02
+
+
+def test_the_text_to_image_check_scores_every_class_of_a_demo_model(tmp_path, one_thread):
+    """demo_text_check.py is what pretrain_demo_on_device.sh reads a new model with: one row per class."""
+    from tests.test_demo_model import TINY
+
+    from pipeline import demo_model as dm
+    from pipeline.demo import CLASS_NAMES
+
+    model = dm.pretrain_demo_model(TINY, tmp_path / "model")
+    done = run_benchmark("gpu/demo_text_check.py", "--model", str(model), "--samples", "1")
+    assert done.returncode == 0, done.stderr
+    rows = {row[0]: row[1:] for row in table_rows(done.stdout, "") if row[0] in CLASS_NAMES}
+    assert list(rows) == list(CLASS_NAMES)
+    assert all(re.fullmatch(r"(0|100)%", cell) for cells in rows.values() for cell in cells[1:])  # one sample: all or nothing
+    assert [cells[0] for cells in rows.values()] == ["yes"] * 5 + ["no"] * 5

