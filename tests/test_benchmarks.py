@@ -96,12 +96,15 @@ def test_the_device_pretraining_plans_its_unet_steps_from_the_calibration(tmp_pa
 
 def test_the_text_to_image_check_scores_every_class_of_a_demo_model(tmp_path, one_thread):
     """demo_text_check.py is what pretrain_demo_on_device.sh reads a new model with: one row per class."""
-    from tests.test_demo_model import TINY
-
     from pipeline import demo_model as dm
-    from pipeline.demo import CLASS_NAMES
+    from pipeline.demo import CLASS_NAMES, NAMED_CLASSES
 
-    model = dm.pretrain_demo_model(TINY, tmp_path / "model")
+    tiny = dm.PretrainSettings(
+        seed=0, resolution=32, corpus_images=24, max_objects=2, named_classes=NAMED_CLASSES, caption_dropout=0.25,
+        vae_steps=2, vae_batch_size=2, vae_learning_rate=1e-3, vae_crop=16, kl_weight=1e-9,
+        unet_steps=3, unet_batch_size=2, unet_learning_rate=1e-3, warmup_steps=1, cpu_threads=1, checkpoint_every=1,
+    )
+    model = dm.pretrain_demo_model(tiny, tmp_path / "model")
     done = run_benchmark("gpu/demo_text_check.py", "--model", str(model), "--samples", "1")
     assert done.returncode == 0, done.stderr
     rows = {row[0]: row[1:] for row in table_rows(done.stdout, "") if row[0] in CLASS_NAMES}
